@@ -1,0 +1,3 @@
+"""mailbot: your email acts for you."""
+
+__version__ = "0.1.0"
