@@ -71,3 +71,117 @@ class IntakeState(SQLModel, table=True):
     last_ok_at: datetime | None = None
     last_error_at: datetime | None = None
     last_error: str | None = Field(default=None, sa_column=Column(Text))
+
+
+class Transaction(SQLModel, table=True):
+    """A back-office record: who applied, which department, where it stands."""
+
+    __tablename__ = "transaction"
+
+    number: str = Field(primary_key=True, max_length=32)  # canonical YYYY/SERIAL
+    department: str = Field(max_length=64)
+    status: str = Field(max_length=64)
+    applicant_name: str | None = Field(default=None, max_length=255)
+    # Lower-cased addresses separated by single spaces (one record, several applicants' mails).
+    applicant_emails: str = Field(default="", sa_column=Column(Text, nullable=False, server_default=""))
+    updated_at: datetime
+    created_at: datetime
+
+
+class TransactionHistory(SQLModel, table=True):
+    """Every status a transaction has had, and who or what set it."""
+
+    __tablename__ = "transaction_history"
+
+    id: int | None = Field(default=None, primary_key=True)
+    number: str = Field(foreign_key="transaction.number", index=True, max_length=32)
+    status: str = Field(max_length=64)
+    previous_status: str | None = Field(default=None, max_length=64)
+    changed_at: datetime
+    source: str = Field(max_length=32)  # csv | cli | clerk | database | ...
+    note: str | None = Field(default=None, sa_column=Column(Text))
+
+
+class Inquiry(SQLModel, table=True):
+    """A citizen's question, from its first mail until a clerk closes it."""
+
+    __tablename__ = "inquiry"
+
+    id: int | None = Field(default=None, primary_key=True)  # reference INQ-000123
+    message: int = Field(foreign_key="message.id", unique=True)  # the mail that opened it
+    department: str = Field(max_length=64, index=True)
+    rule: str = Field(max_length=128)
+    language: str = Field(max_length=2)
+    state: str = Field(default="open", max_length=16, index=True)  # open | answered | closed
+    sender: str = Field(max_length=998)
+    sender_name: str | None = Field(default=None, max_length=998)
+    subject: str | None = Field(default=None, sa_column=Column(Text))
+    transactions: str = Field(default="", sa_column=Column(Text, nullable=False, server_default=""))
+    priority: str = Field(default="normal", max_length=16)
+    tag: str | None = Field(default=None, max_length=255)
+    created_at: datetime = Field(index=True)
+    due_at: datetime = Field(index=True)
+    first_response_at: datetime | None = None
+    closed_at: datetime | None = None
+    claimed_by: str | None = Field(default=None, max_length=998)
+    escalation_level: int = 0
+
+
+class InquiryEvent(SQLModel, table=True):
+    """One step of an inquiry's thread: citizen mail, clerk answer, internal note, status change."""
+
+    __tablename__ = "inquiry_event"
+
+    id: int | None = Field(default=None, primary_key=True)
+    inquiry: int = Field(foreign_key="inquiry.id", index=True)
+    kind: str = Field(max_length=32)  # citizen | followup | clerk | internal | status | escalation | system
+    message: int | None = Field(default=None, foreign_key="message.id")
+    author: str | None = Field(default=None, max_length=998)
+    text: str | None = Field(default=None, sa_column=Column(Text))
+    at: datetime
+
+
+class Outbox(SQLModel, table=True):
+    """A mail to send; written in the same transaction as the decision that caused it."""
+
+    __tablename__ = "outbox"
+
+    id: int | None = Field(default=None, primary_key=True)
+    key: str = Field(max_length=255, unique=True)  # what it answers; makes "send once" a constraint
+    inquiry: int | None = Field(default=None, foreign_key="inquiry.id", index=True)
+    template: str = Field(max_length=64)
+    recipient: str = Field(max_length=998)
+    message_id: str = Field(max_length=998, unique=True)
+    raw: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+    state: str = Field(default="pending", max_length=16, index=True)  # pending | sending | sent | failed
+    attempts: int = 0
+    next_attempt_at: datetime = Field(index=True)
+    last_error: str | None = Field(default=None, sa_column=Column(Text))
+    created_at: datetime
+    sent_at: datetime | None = None
+
+
+class Subscription(SQLModel, table=True):
+    """A citizen told of a transaction's status hears of its changes until they say stop."""
+
+    __tablename__ = "subscription"
+    __table_args__ = (UniqueConstraint("number", "email"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    number: str = Field(foreign_key="transaction.number", index=True, max_length=32)
+    email: str = Field(max_length=998)
+    language: str = Field(default="ar", max_length=2)
+    inquiry: int | None = Field(default=None, foreign_key="inquiry.id")
+    active: bool = True
+    last_status: str | None = Field(default=None, max_length=64)  # the status they were last told
+    created_at: datetime
+
+
+class Undeliverable(SQLModel, table=True):
+    """An address that bounced: no more automatic mail to it."""
+
+    __tablename__ = "undeliverable"
+
+    email: str = Field(primary_key=True, max_length=998)
+    reason: str | None = Field(default=None, sa_column=Column(Text))
+    at: datetime
