@@ -1,0 +1,141 @@
+"""CLI: `status` and `quarantine list|show|retry`, run against real databases."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner, Result
+from sqlalchemy.engine import Engine
+
+from mailbot import parse, pipeline, store
+from mailbot.cli import cli
+from mailbot.rules import Rules
+
+GOOD = (
+    "From: =?utf-8?b?2YXZiNin2LfZhg==?= <citizen@example.com>\r\n"
+    "To: inquiries@emirate.example\r\n"
+    "Subject: =?utf-8?b?2KfYs9iq2YHYs9in2LEg2LnZhiDZhdi52KfZhdmE2Kk=?=\r\n"
+    "Date: Mon, 23 Nov 2026 10:00:00 +0300\r\n"
+    "Message-ID: <good@example.com>\r\n"
+    "\r\n"
+).encode() + "أرجو إفادتي عن المعاملة رقم 1445/00123\r\n".encode()
+BOOM = GOOD.replace(b"<good@example.com>", b"<boom@example.com>")
+
+
+@pytest.fixture
+def invoke(db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.chdir(tmp_path)  # no stray .env from the working tree
+
+    def run(*args: str, database: str = db_url) -> Result:
+        return CliRunner().invoke(cli, list(args), env={"MAILBOT_DB": database}, catch_exceptions=False)
+
+    return run
+
+
+@pytest.fixture
+def quarantined(engine: Engine, rules: Rules, monkeypatch: pytest.MonkeyPatch) -> int:
+    """One good mail processed, one quarantined by a stage that raised."""
+    real_parse = parse.parse_mail
+
+    def exploding(raw: bytes) -> parse.ParsedMail:
+        if b"<boom@example.com>" in raw:
+            raise RuntimeError("stage exploded on purpose")
+        return real_parse(raw)
+
+    monkeypatch.setattr(parse, "parse_mail", exploding)
+    store.store_raw(engine, GOOD, origin="smtp")
+    boom = store.store_raw(engine, BOOM, origin="lmtp").id
+    assert pipeline.process_pending(engine, rules) == 2
+    monkeypatch.setattr(parse, "parse_mail", real_parse)
+    return boom
+
+
+def test_status_json_counts_messages_by_state(invoke, engine: Engine, quarantined: int):
+    store.store_raw(engine, b"From: late@example.com\r\n\r\nlate\r\n", origin="smtp")
+    result = invoke("status", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["database"] == "ok"
+    assert report["messages"] == {"received": 1, "processed": 1, "quarantined": 1}
+
+
+def test_status_text(invoke, quarantined: int):
+    result = invoke("status")
+    assert result.exit_code == 0
+    assert "database: ok" in result.stdout
+    assert "  quarantined  1" in result.stdout
+
+
+def test_status_exits_non_zero_when_the_database_is_unreachable(invoke):
+    result = invoke("status", "--json", database="postgresql://mailbot@127.0.0.1:1/x")
+    assert result.exit_code == 1
+    report = json.loads(result.stdout)
+    assert report["database"] == "unreachable"
+    assert report["error"].startswith("OperationalError: (psycopg.OperationalError) connection failed")
+
+
+def test_quarantine_list_shows_id_received_message_id_and_reason(invoke, engine: Engine, quarantined: int):
+    result = invoke("quarantine", "list")
+    assert result.exit_code == 0
+    lines = result.stdout.splitlines()
+    assert len(lines) == 1
+    number, day, time, message_id, reason = lines[0].split(maxsplit=4)
+    assert int(number) == quarantined
+    assert len(day) == 10 and len(time) == 8
+    assert message_id == "<boom@example.com>"
+    assert reason == "RuntimeError: stage exploded on purpose"
+
+
+def test_quarantine_show_gives_headers_and_the_full_reason(invoke, quarantined: int):
+    result = invoke("quarantine", "show", str(quarantined))
+    assert result.exit_code == 0
+    out = result.stdout
+    assert f"mail:     {quarantined}\n" in out
+    assert " UTC via lmtp\n" in out
+    assert f"size:     {len(BOOM)} bytes\n" in out
+    assert "From:       مواطن <citizen@example.com>\n" in out
+    assert "Subject:    استفسار عن معاملة\n" in out
+    assert "Message-ID: <boom@example.com>\n" in out
+    assert "reason:\nRuntimeError: stage exploded on purpose\n" in out
+    assert "Traceback (most recent call last):" in out
+    assert 'raise RuntimeError("stage exploded on purpose")' in out
+
+
+def test_quarantine_retry_puts_the_mail_back_and_the_worker_processes_it(
+    invoke, engine: Engine, rules: Rules, quarantined: int
+):
+    result = invoke("quarantine", "retry", str(quarantined))
+    assert (result.exit_code, result.stdout) == (0, "1 mail(s) queued again\n")
+    assert store.count_by_state(engine)["received"] == 1
+    assert pipeline.process_pending(engine, rules) == 1
+    assert store.count_by_state(engine) == {"received": 0, "processed": 2, "quarantined": 0}
+    assert invoke("quarantine", "list").stdout == ""
+
+
+def test_quarantine_retry_all(invoke, engine: Engine, quarantined: int):
+    store.quarantine(engine, store.store_raw(engine, b"\x00junk", origin="smtp").id, "ParseError: no headers")
+    result = invoke("quarantine", "retry", "--all")
+    assert (result.exit_code, result.stdout) == (0, "2 mail(s) queued again\n")
+    assert store.count_by_state(engine)["quarantined"] == 0
+
+
+def test_unknown_or_not_quarantined_id_is_a_clear_error(invoke, engine: Engine, quarantined: int):
+    processed = quarantined - 1
+    for args in (("show", "999"), ("retry", "999"), ("show", str(processed)), ("retry", str(processed))):
+        result = invoke("quarantine", *args)
+        assert result.exit_code == 1
+        assert result.stderr == f"Error: mail {args[1]} is not in quarantine\n"
+
+
+def test_quarantine_bad_arguments_are_usage_errors(invoke):
+    both = invoke("quarantine", "retry", "3", "--all")
+    assert both.exit_code == 2
+    assert "Error: give a mail ID or --all (not both)" in both.stderr
+    neither = invoke("quarantine", "retry")
+    assert neither.exit_code == 2
+    assert "Error: give a mail ID or --all (not both)" in neither.stderr
+    not_a_number = invoke("quarantine", "show", "abc")
+    assert not_a_number.exit_code == 2
+    assert "Error: Invalid value for 'ID': 'abc' is not a valid integer." in not_a_number.stderr
