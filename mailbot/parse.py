@@ -1,0 +1,345 @@
+"""Raw bytes -> ParsedMail: headers decoded, body as text, attachments as metadata only.
+
+Charsets are taken as they come.  Citizens' mail arrives in utf-8, windows-1256 and
+iso-8859-6, and often mislabelled (windows-1256 bytes declared as iso-8859-1, utf-8
+declared as windows-1256, 8-bit headers without RFC 2047).  Decoding falls back
+instead of failing; only a mail that cannot be read as a message at all raises
+ParseError.
+"""
+
+from __future__ import annotations
+
+import codecs
+import email.header
+import email.utils
+import logging
+import re
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from email.message import Message
+from typing import NamedTuple
+
+import mailparser
+from mailparser.exceptions import MailParserError
+
+from mailbot.text import html_to_text
+
+log = logging.getLogger(__name__)
+# mail-parser warns about every MIME type it does not render ("'report' not
+# handled"); that is normal for bounces and would drown the triage output.
+logging.getLogger("mailparser").setLevel(logging.ERROR)
+
+CLASSIFY_HEADERS = (
+    "auto-submitted",
+    "precedence",
+    "list-id",
+    "list-unsubscribe",
+    "x-autoreply",
+    "x-autorespond",
+    "x-auto-response-suppress",
+    "content-type",
+)
+
+# Single-byte "western" labels that decode any byte sequence without error, so a
+# successful decode proves nothing: Arabic windows-1256 mail is often sent under them.
+_PERMISSIVE = {"ascii", "latin-1", "iso8859-1", "cp1252"}
+# Encodings whose bytes are not ASCII-compatible: the label must be believed.
+_WIDE = {"utf-16", "utf-16-le", "utf-16-be", "utf-32", "utf-32-le", "utf-32-be", "iso2022_jp", "iso2022_kr",
+         "hz", "utf-7"}
+_ARABIC_FALLBACK = "cp1256"
+_SPACE = re.compile(r"\s+")
+_HIGH_WORD = re.compile(rb"[\x80-\xff]{2,}")
+_HIGH_BYTE = re.compile(rb"[\x80-\xff]")
+
+
+class ParseError(Exception):
+    """The bytes are not a readable mail message."""
+
+
+class Attachment(NamedTuple):
+    """An attachment's metadata; its bytes stay in the archived raw mail."""
+
+    filename: str
+    content_type: str
+    size: int
+
+
+@dataclass(frozen=True)
+class ParsedMail:
+    message_id: str | None
+    subject: str
+    sender: str | None  # lower-cased address from From:
+    sender_name: str
+    to: tuple[str, ...]
+    cc: tuple[str, ...]
+    reply_to: tuple[str, ...]
+    delivered_to: tuple[str, ...]  # Delivered-To and X-Original-To, in header order
+    date: datetime | None
+    in_reply_to: str | None
+    references: tuple[str, ...]
+    auth_results: tuple[str, ...]
+    headers: dict[str, str]  # the CLASSIFY_HEADERS present, lower-case names, decoded values
+    content_type: str
+    text: str
+    html: str | None
+    text_from_html: bool  # the mail had no text/plain part; text was rendered from html
+    attached_text: str  # text of mails attached whole (message/rfc822): forwards, bounced originals
+    attachments: tuple[Attachment, ...]
+    # For bounces (RFC 3464): the message/delivery-status part as text, and the
+    # headers of the returned original (message/rfc822 or text/rfc822-headers).
+    delivery_status: str | None
+    original_headers: dict[str, str]
+    return_path: str | None
+
+    def header(self, name: str) -> str | None:
+        return self.headers.get(name.lower())
+
+
+def decode_bytes(data: bytes, declared: str | None = None) -> str:
+    """Text from bytes under a possibly wrong charset label; never raises."""
+    charset = _codec(declared)
+    if not _HIGH_BYTE.search(data) and charset not in _WIDE:
+        return data.decode("ascii", "replace")
+    # Valid multi-byte utf-8 is very unlikely to be accidental, whatever the label says.
+    if charset not in _WIDE:
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError:
+            pass
+    if charset and charset not in _PERMISSIVE and charset != "utf-8":
+        try:
+            return data.decode(charset)
+        except UnicodeDecodeError:
+            pass
+    if _looks_arabic_single_byte(data):
+        return data.decode(_ARABIC_FALLBACK, "replace")
+    if charset in _PERMISSIVE:
+        return data.decode("cp1252" if charset == "ascii" else charset, "replace")
+    return data.decode(_ARABIC_FALLBACK, "replace")
+
+
+def _codec(label: str | None) -> str:
+    """Python's name for a charset label; "" when absent or unknown."""
+    try:
+        return codecs.lookup((label or "").strip().strip('"')).name if label else ""
+    except (LookupError, ValueError):
+        return ""
+
+
+def _looks_arabic_single_byte(data: bytes) -> bool:
+    # Arabic words in a single-byte charset are runs of high bytes; European text
+    # has an accented letter here and there between ASCII letters.
+    high = len(_HIGH_BYTE.findall(data))
+    in_words = sum(len(word) for word in _HIGH_WORD.findall(data))
+    return high > 0 and in_words / high >= 0.7
+
+
+def _unescape(value: str) -> str:
+    # compat32 keeps raw 8-bit header bytes as surrogate escapes.
+    try:
+        value.encode("utf-8")
+        return value
+    except UnicodeEncodeError:
+        return decode_bytes(value.encode("ascii", "surrogateescape"))
+
+
+def decode_header(value: str | None) -> str:
+    """An unstructured header as one line of text (RFC 2047 words decoded)."""
+    if value is None:
+        return ""
+    value = _unescape(str(value))
+    if "=?" in value:
+        try:
+            chunks = email.header.decode_header(value)
+        except (ValueError, LookupError, AssertionError):
+            chunks = [(value, None)]
+        value = "".join(
+            chunk if isinstance(chunk, str) else decode_bytes(chunk, charset)
+            for chunk, charset in chunks
+        )
+    return _SPACE.sub(" ", value).strip()
+
+
+def _all(message: Message, name: str) -> list[str]:
+    # Raw stored values: compat32's get() wraps 8-bit (RFC 6532) headers in a
+    # Header object whose str() has lost the bytes.
+    return [str(value) for key, value in message.raw_items() if key.lower() == name]
+
+
+def _first(message: Message, name: str) -> str | None:
+    values = _all(message, name)
+    return values[0] if values else None
+
+
+def _addresses(message: Message, *names: str) -> list[tuple[str, str]]:
+    values = [_unescape(v) for name in names for v in _all(message, name)]
+    pairs = email.utils.getaddresses(values)
+    return [(decode_header(name), addr.strip().lower()) for name, addr in pairs if "@" in addr]
+
+
+def _message_ids(value: str | None) -> tuple[str, ...]:
+    if not value:
+        return ()
+    found = re.findall(r"<[^<>\s]+>", value)
+    return tuple(found) if found else tuple(value.split())
+
+
+def _date(value: str | None) -> datetime | None:
+    if not value:
+        return None
+    try:
+        parsed = email.utils.parsedate_to_datetime(decode_header(value))
+    except (TypeError, ValueError, IndexError):
+        return None
+    if parsed.tzinfo is None:
+        # RFC 5322 "-0000": time is UTC, local offset unknown.
+        parsed = parsed.replace(tzinfo=timezone.utc)
+    return parsed
+
+
+def _part_text(part: Message) -> str:
+    payload = part.get_payload(decode=True)
+    if not isinstance(payload, bytes):
+        return ""
+    return decode_bytes(payload, part.get_content_charset())
+
+
+def _filename(part: Message) -> str | None:
+    name = part.get_filename()
+    return decode_header(name) if name else None
+
+
+def _message(raw: bytes) -> Message:
+    try:
+        return mailparser.parse_from_bytes(raw).message
+    except (AttributeError, TypeError, ValueError, IndexError, LookupError) as error:
+        # mail-parser's own post-processing trips on some real bounces (e.g. a
+        # multipart without a boundary parameter); the stdlib tree it builds
+        # first is still good, so read that.
+        log.info("mail-parser failed, reading with the stdlib: %r", error)
+        return email.message_from_bytes(raw)
+
+
+def parse_mail(raw: bytes) -> ParsedMail:
+    if not raw or not raw.strip():
+        raise ParseError("empty message")
+    try:
+        message = _message(raw)
+    except (MailParserError, RecursionError) as error:
+        raise ParseError(f"unreadable MIME structure: {error}") from error
+    if message is None or not message.keys():
+        raise ParseError("no headers")
+
+    parts = _Parts()
+    try:
+        _walk(message, parts, in_attachment=False, in_mail=False)
+        delivery_status = _delivery_status(message)
+    except RecursionError as error:
+        raise ParseError("MIME nesting too deep") from error
+    # Some clients send an empty text/plain beside the real HTML body.
+    plain = [text for text in parts.plain if text.strip()]
+    html_text = "\n\n".join(parts.html) if parts.html else None
+    text = "\n\n".join(plain) if plain else (html_to_text(html_text) if html_text else "")
+
+    senders = _addresses(message, "from")
+    sender_name, sender = senders[0] if senders else ("", None)
+    headers = {
+        name: decode_header(_first(message, name)) for name in CLASSIFY_HEADERS if _first(message, name) is not None
+    }
+    return ParsedMail(
+        message_id=decode_header(_first(message, "message-id")) or None,
+        subject=decode_header(_first(message, "subject")),
+        sender=sender,
+        sender_name=sender_name,
+        to=tuple(a for _, a in _addresses(message, "to")),
+        cc=tuple(a for _, a in _addresses(message, "cc")),
+        reply_to=tuple(a for _, a in _addresses(message, "reply-to")),
+        delivered_to=tuple(a for _, a in _addresses(message, "delivered-to", "x-original-to")),
+        date=_date(_first(message, "date")),
+        in_reply_to=(_message_ids(decode_header(_first(message, "in-reply-to"))) or (None,))[0],
+        references=_message_ids(decode_header(_first(message, "references"))),
+        auth_results=tuple(decode_header(v) for v in _all(message, "authentication-results")),
+        headers=headers,
+        content_type=message.get_content_type(),
+        text=text.replace("\r\n", "\n"),
+        html=html_text,
+        text_from_html=not plain and html_text is not None,
+        attached_text=_attached_text(parts),
+        attachments=tuple(parts.attachments),
+        delivery_status=delivery_status,
+        original_headers=parts.original_headers,
+        return_path=(_message_ids(decode_header(_first(message, "return-path"))) or (None,))[0],
+    )
+
+
+@dataclass
+class _Parts:
+    """What one walk over the MIME tree collects."""
+
+    plain: list[str] = field(default_factory=list)
+    html: list[str] = field(default_factory=list)
+    attached_plain: list[str] = field(default_factory=list)  # inside attached mails (message/rfc822)
+    attached_html: list[str] = field(default_factory=list)
+    attachments: list[Attachment] = field(default_factory=list)
+    original_headers: dict[str, str] = field(default_factory=dict)
+
+
+def _walk(part: Message, parts: _Parts, *, in_attachment: bool, in_mail: bool) -> None:
+    content_type = part.get_content_type()
+    disposition = part.get_content_disposition()
+    filename = _filename(part)
+    if content_type in ("message/rfc822", "text/rfc822-headers"):
+        _read_original_headers(part, parts.original_headers)
+    if part.is_multipart():
+        attached = in_attachment or (disposition == "attachment" and content_type != "message/rfc822")
+        for child in part.get_payload():
+            if isinstance(child, Message):
+                _walk(child, parts, in_attachment=attached, in_mail=in_mail or content_type == "message/rfc822")
+        return
+    if content_type in ("text/plain", "text/html") and not filename and disposition != "attachment":
+        if in_mail:
+            (parts.attached_plain if content_type == "text/plain" else parts.attached_html).append(_part_text(part))
+        elif not in_attachment:
+            (parts.plain if content_type == "text/plain" else parts.html).append(_part_text(part))
+        return
+    if content_type == "message/delivery-status" or content_type == "text/rfc822-headers":
+        return
+    payload = part.get_payload(decode=True)
+    size = len(payload) if isinstance(payload, bytes) else 0
+    del payload  # a 25 MB attachment must not outlive this loop
+    parts.attachments.append(Attachment(filename or "", content_type, size))
+
+
+def _attached_text(parts: _Parts) -> str:
+    texts = parts.attached_plain or [html_to_text(h) for h in parts.attached_html]
+    return "\n\n".join(texts).replace("\r\n", "\n").strip()
+
+
+def _read_original_headers(part: Message, into: dict[str, str]) -> None:
+    if into:
+        return
+    payload = part.get_payload()
+    if isinstance(payload, list) and payload and isinstance(payload[0], Message):
+        source = payload[0]
+    elif isinstance(payload, str):
+        source = email.message_from_string(_unescape(payload).lstrip())
+    else:
+        return
+    for name in ("message-id", "from", "to", "subject", "date"):
+        value = _first(source, name)
+        if value is not None:
+            into[name] = decode_header(value)
+
+
+def _delivery_status(message: Message) -> str | None:
+    for part in message.walk():
+        if part.get_content_type() != "message/delivery-status":
+            continue
+        # compat32 parses delivery-status into one Message per field group.
+        payload = part.get_payload()
+        if isinstance(payload, list):
+            blocks = ["\n".join(f"{k}: {_unescape(str(v))}" for k, v in block.items()) for block in payload]
+            return "\n\n".join(blocks)
+        if isinstance(payload, str):
+            return _unescape(payload)
+    return None
