@@ -6,13 +6,14 @@ import logging
 import signal
 import threading
 from datetime import timezone
+from pathlib import Path
 
 from apscheduler.schedulers.background import BackgroundScheduler
 from sqlalchemy.engine import Engine, make_url
 
-from mailbot import db, pipeline
-from mailbot.intake.smtp import IngressServer
-from mailbot.rules import Rules, load_rules
+from mailbot import db, notify, outbox, pipeline
+from mailbot.intake.smtp import IngressServer, accepted_addresses
+from mailbot.rules import Rules, RulesReloader
 from mailbot.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -22,10 +23,34 @@ log = logging.getLogger(__name__)
 WORKER_BATCH = 50
 
 
-def work(engine: Engine, rules: Rules, stop: threading.Event) -> None:
+def work(engine: Engine, reloader: RulesReloader, stop: threading.Event, templates_dir: Path) -> None:
     """The worker job: process pending mail in batches until none is left or a stop is asked."""
-    while not stop.is_set() and pipeline.process_pending(engine, rules, limit=WORKER_BATCH) == WORKER_BATCH:
+    while not stop.is_set() and pipeline.process_pending(
+        engine, reloader.rules, limit=WORKER_BATCH, templates_dir=templates_dir
+    ) == WORKER_BATCH:
         pass
+
+
+def send_outbox(engine: Engine, settings: Settings, stop: threading.Event) -> None:
+    """The outbox job: send what is due, batch after batch, until none is left or a stop is asked."""
+    while not stop.is_set() and outbox.send_due(engine, settings, limit=WORKER_BATCH) == WORKER_BATCH:
+        pass
+
+
+def reload_rules(reloader: RulesReloader, servers: list[IngressServer]) -> None:
+    """Swap in edited rules (a bad edit is refused inside the reloader, the rules in force stay)."""
+    before = reloader.rules
+    if reloader.reload_if_changed() is not before:
+        for server in servers:
+            server.handler.accepted = accepted_addresses(reloader.rules)
+
+
+def notify_changes(engine: Engine, reloader: RulesReloader, settings: Settings) -> None:
+    notify.notify_status_changes(engine, reloader.rules, settings)
+
+
+def escalate(engine: Engine, reloader: RulesReloader, settings: Settings) -> None:
+    notify.escalate_overdue(engine, reloader.rules, db.utcnow(), templates_dir=settings.templates_dir)
 
 
 def start_ingress(settings: Settings, engine: Engine, rules: Rules) -> list[IngressServer]:
@@ -72,7 +97,8 @@ def run_daemon(settings: Settings, stop: threading.Event | None = None) -> None:
     stop = stop or threading.Event()
     db.upgrade(settings.db_url)
     engine = db.get_engine(settings.db_url)
-    rules = load_rules(settings.rules_dir)
+    reloader = RulesReloader(settings.rules_dir)
+    rules = reloader.rules
     if threading.current_thread() is threading.main_thread():
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, lambda *_: stop.set())
@@ -83,10 +109,16 @@ def run_daemon(settings: Settings, stop: threading.Event | None = None) -> None:
     try:
         if settings.imap_host:
             imap_thread = start_imap(settings, engine, stop)
-        scheduler.add_job(
-            work, "interval", seconds=settings.worker_seconds, args=(engine, rules, stop),
-            id="worker", max_instances=1, coalesce=True,
+        jobs = (
+            (work, settings.worker_seconds, (engine, reloader, stop, settings.templates_dir)),
+            (send_outbox, settings.outbox_seconds, (engine, settings, stop)),
+            (notify_changes, settings.notify_seconds, (engine, reloader, settings)),
+            (escalate, settings.notify_seconds, (engine, reloader, settings)),
+            (reload_rules, settings.rules_reload_seconds, (reloader, servers)),
         )
+        for job, seconds, args in jobs:
+            scheduler.add_job(job, "interval", seconds=seconds, args=args, id=job.__name__,
+                              max_instances=1, coalesce=True)
         scheduler.start()
         log.info("mailbot running %s", _describe(settings, servers, imap_thread is not None))
         stop.wait()

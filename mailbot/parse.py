@@ -162,8 +162,9 @@ def decode_header(value: str | None) -> str:
 
 def _all(message: Message, name: str) -> list[str]:
     # Raw stored values: compat32's get() wraps 8-bit (RFC 6532) headers in a
-    # Header object whose str() has lost the bytes.
-    return [str(value) for key, value in message.raw_items() if key.lower() == name]
+    # Header object whose str() has lost the bytes.  NUL is never meaningful in
+    # mail text, and PostgreSQL text columns cannot hold it.
+    return [str(value).replace("\x00", "") for key, value in message.raw_items() if key.lower() == name]
 
 
 def _first(message: Message, name: str) -> str | None:
@@ -201,7 +202,7 @@ def _part_text(part: Message) -> str:
     payload = part.get_payload(decode=True)
     if not isinstance(payload, bytes):
         return ""
-    return decode_bytes(payload, part.get_content_charset())
+    return decode_bytes(payload, part.get_content_charset()).replace("\x00", "")
 
 
 def _filename(part: Message) -> str | None:

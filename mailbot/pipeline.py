@@ -15,14 +15,20 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 from email.parser import BytesHeaderParser
 from email.policy import compat32
+from pathlib import Path
 from typing import Iterator
 
 from sqlalchemy import select, text
 from sqlalchemy.engine import Connection, Engine
+from sqlmodel import Session
 
-from mailbot import parse, store
+from mailbot import clerk, db, inquiries, parse, store, transactions
+from mailbot.disclose import disclosed
 from mailbot.models import QUARANTINED, RECEIVED, Message
+from mailbot.route import route
 from mailbot.rules import Rules
+from mailbot.settings import SHIPPED_TEMPLATES
+from mailbot.understand import understand
 
 log = logging.getLogger(__name__)
 
@@ -50,11 +56,17 @@ class Pending:
 
 @dataclass(frozen=True)
 class Outcome:
-    """What the stages found out, recorded on the message row."""
+    """What the stages found out and did, recorded on the message row and logged."""
 
     subject: str
     sender: str | None
     sent_date: datetime | None
+    kind: str
+    language: str
+    department: str | None
+    rule: str
+    action: str
+    reply: str | None = None
 
 
 @dataclass(frozen=True)
@@ -73,16 +85,27 @@ class Quarantined:
         return self.reason.splitlines()[0] if self.reason else ""
 
 
-def run_stages(rules: Rules, raw: bytes) -> Outcome:
-    """The stages in order; later issues add understand -> route -> reply here."""
-    mail = parse.parse_mail(raw)
-    return Outcome(subject=_storable(mail.subject), sender=_storable(mail.sender or "")[:998] or None,
-                   sent_date=mail.date)
-
-
-def _storable(value: str) -> str:
-    # PostgreSQL text cannot hold NUL, and broken clients do put it in headers.
-    return value.replace("\x00", "")
+def run_stages(session: Session, rules: Rules, mail: Pending, now: datetime, templates_dir: Path) -> Outcome:
+    """parse -> understand -> route/disclose -> act (inquiry, follow-up, clerk reply, bounce), in one transaction."""
+    parsed = parse.parse_mail(mail.raw)
+    understanding = understand(parsed, rules)
+    if understanding.kind == "clerk_reply":
+        result = clerk.handle_clerk_reply(session, mail.id, understanding, rules, now, templates_dir=templates_dir)
+        department, rule, action, sent = rules.clerk_department(parsed.sender), "clerk", result.action, None
+    else:
+        existing = inquiries.followed_inquiry(session, understanding)
+        known = transactions.known_transactions(session.get_bind(), understanding.numbers)
+        decision = route(understanding, rules, known, existing.department if existing is not None else None)
+        shown = disclosed(understanding, rules, known) if existing is None else []
+        handled = inquiries.handle_understood(
+            session, mail.id, understanding, decision, shown, rules, now, templates_dir=templates_dir
+        )
+        department, rule, action, sent = decision.department, decision.rule, handled.action, handled.reply
+    return Outcome(
+        subject=parsed.subject, sender=(parsed.sender or "")[:998] or None,
+        sent_date=parsed.date, kind=understanding.kind, language=understanding.language,
+        department=department, rule=rule, action=action, reply=sent,
+    )
 
 
 def describe_error(error: BaseException) -> str:
@@ -92,13 +115,20 @@ def describe_error(error: BaseException) -> str:
     return f"{head}\n\n{trace}"
 
 
-def process_message(engine: Engine, rules: Rules, mail: Pending) -> bool:
-    """Run the stages for one mail; True when processed, False when quarantined."""
+def process_message(engine: Engine, rules: Rules, mail: Pending, templates_dir: Path = SHIPPED_TEMPLATES) -> bool:
+    """Run the stages for one mail; True when processed, False when quarantined.
+
+    What the stages write and the "processed" mark commit together: a crash
+    in between leaves the mail "received", and running it again finds the
+    inquiry and its reply already there (unique per mail) instead of repeating them.
+    """
     try:
-        outcome = run_stages(rules, mail.raw)
-        store.mark_processed(
-            engine, mail.id, subject=outcome.subject, sender=outcome.sender, sent_date=outcome.sent_date
-        )
+        with db.session(engine) as session:
+            outcome = run_stages(session, rules, mail, db.utcnow(), templates_dir)
+            store.mark_processed(
+                session, mail.id, subject=outcome.subject, sender=outcome.sender, sent_date=outcome.sent_date,
+                kind=outcome.kind, language=outcome.language,
+            )
     except parse.ParseError as error:
         # Expected for junk: the reason (with traceback) is in the quarantine, the log needs one line.
         log.warning("message_id=%s mail=%s unparseable: %s", mail.message_id, mail.id, error)
@@ -109,11 +139,14 @@ def process_message(engine: Engine, rules: Rules, mail: Pending) -> bool:
                       error.__class__.__name__, error)
         store.quarantine(engine, mail.id, describe_error(error))
         return False
-    log.info("message_id=%s mail=%s processed", mail.message_id, mail.id)
+    log.info("message_id=%s mail=%s kind=%s language=%s department=%s rule=%s action=%s reply=%s",
+             mail.message_id, mail.id, outcome.kind, outcome.language, outcome.department, outcome.rule,
+             outcome.action, outcome.reply)
     return True
 
 
-def process_pending(engine: Engine, rules: Rules, limit: int | None = None) -> int:
+def process_pending(engine: Engine, rules: Rules, limit: int | None = None,
+                    templates_dir: Path = SHIPPED_TEMPLATES) -> int:
     """Process ``received`` mail in id order, at most ``limit``; returns how many were taken.
 
     Each mail is tried at most once per call, so a mail whose quarantine cannot
@@ -126,7 +159,7 @@ def process_pending(engine: Engine, rules: Rules, limit: int | None = None) -> i
             if mail is None:
                 break
             after = mail.id
-            process_message(engine, rules, mail)
+            process_message(engine, rules, mail, templates_dir)
             done += 1
     return done
 

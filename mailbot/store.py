@@ -15,6 +15,7 @@ from email.policy import compat32
 
 from sqlalchemy import func, select, update
 from sqlalchemy.engine import Engine
+from sqlmodel import Session
 
 from mailbot import db
 from mailbot.models import MESSAGE_STATES, PROCESSED, QUARANTINED, RECEIVED, ImapSeen, Message
@@ -97,14 +98,15 @@ def store_raw(
     return Stored(id=message_id, created=created)
 
 
-def mark_processed(engine: Engine, message: int, **fields: object) -> None:
-    """Record the pipeline's outcome; ``fields`` are Message columns (subject, kind, ...)."""
-    with engine.begin() as connection:
-        connection.execute(
-            update(Message.__table__)
-            .where(Message.__table__.c.id == message)
-            .values(state=PROCESSED, processed_at=db.utcnow(), reason=None, **fields)
-        )
+def mark_processed(session: Session, message: int, **fields: object) -> None:
+    """Record the pipeline's outcome in the caller's transaction, so the mail is
+    processed exactly when what the stages wrote (inquiry, replies) is committed.
+    ``fields`` are Message columns (subject, kind, ...)."""
+    session.execute(
+        update(Message.__table__)
+        .where(Message.__table__.c.id == message)
+        .values(state=PROCESSED, processed_at=db.utcnow(), reason=None, **fields)
+    )
 
 
 def quarantine(engine: Engine, message: int, reason: str) -> None:

@@ -161,7 +161,7 @@ def test_an_exception_in_a_stage_quarantines_and_the_worker_goes_on(engine: Engi
 def test_pending_mail_is_taken_in_id_order_up_to_the_limit(engine: Engine, rules: Rules, monkeypatch):
     seen: list[int] = []
     real = pipeline.process_message
-    monkeypatch.setattr(pipeline, "process_message", lambda e, r, mail: (seen.append(mail.id), real(e, r, mail))[1])
+    monkeypatch.setattr(pipeline, "process_message", lambda e, r, mail, t: (seen.append(mail.id), real(e, r, mail, t))[1])
     ids = [store.store_raw(engine, ARABIC.replace(b"ok@", f"n{n}@".encode()), origin="smtp").id for n in range(5)]
     assert pipeline.process_pending(engine, rules, limit=3) == 3
     assert seen == ids[:3]
@@ -189,11 +189,10 @@ def test_concurrent_workers_on_postgresql_take_each_mail_once(engine: Engine, ru
     lock = threading.Lock()
     real = pipeline.run_stages
 
-    def counting(rules: Rules, raw: bytes) -> pipeline.Outcome:
-        mail_id = int(raw.split(b"<w", 1)[1].split(b"@", 1)[0])
+    def counting(session, rules: Rules, mail: pipeline.Pending, now, templates_dir) -> pipeline.Outcome:  # noqa: ANN001
         with lock:
-            taken[ids[mail_id]] += 1
-        return real(rules, raw)
+            taken[mail.id] += 1
+        return real(session, rules, mail, now, templates_dir)
 
     monkeypatch.setattr(pipeline, "run_stages", counting)
     counts: list[int] = []
