@@ -226,3 +226,45 @@ def test_run_daemon_with_smtp_off_and_lmtp_off(sqlite_url: str, caplog: pytest.L
         jobs.run_daemon(settings, stop)
     assert "mailbot running smtp=off lmtp=off imap=off worker_seconds=1.0" in caplog.text
     assert "mailbot stopped" in caplog.text
+
+
+def rcpt_answer(port: int, address: str) -> int:
+    with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
+        client.ehlo()
+        client.mail("someone@example.com")
+        return client.rcpt(address)[0]
+
+
+def test_edited_rules_are_picked_up_within_5_seconds_and_a_bad_edit_keeps_the_rules_in_force(
+    sqlite_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+):
+    rules_dir = tmp_path / "rules"
+    rules_dir.mkdir()
+    shipped = Path(__file__).resolve().parent.parent / "rules"
+    for path in shipped.glob("*.yaml"):
+        (rules_dir / path.name).write_bytes(path.read_bytes())
+    departments = rules_dir / "departments.yaml"
+    port = free_port()
+    settings = replace(Settings(db_url=sqlite_url), rules_dir=rules_dir, smtp_listen=("127.0.0.1", port),
+                       rules_reload_seconds=0.5)
+    stop = threading.Event()
+    daemon = threading.Thread(target=jobs.run_daemon, args=(settings, stop))
+    with caplog.at_level("INFO", logger="mailbot.rules"):
+        daemon.start()
+        try:
+            wait_for(lambda: answers(port) or not daemon.is_alive(), 30, "SMTP")
+            assert rcpt_answer(port, "visits@emirate.example") == 550
+            # An admin adds an alias to the prisons department.
+            departments.write_text(departments.read_text(encoding="utf-8").replace(
+                "aliases: [prisons@emirate.example]", "aliases: [prisons@emirate.example, visits@emirate.example]"),
+                encoding="utf-8")
+            wait_for(lambda: rcpt_answer(port, "visits@emirate.example") == 250, 5, "the new alias to be accepted")
+            # A typo on Thursday evening: refused, the rules in force stay.
+            departments.write_text(departments.read_text(encoding="utf-8").replace(
+                "sla_hours: 24", "sla_hourz: 24", 1), encoding="utf-8")
+            wait_for(lambda: "reload refused" in caplog.text, 5, "the bad edit to be refused")
+            assert rcpt_answer(port, "visits@emirate.example") == 250
+        finally:
+            stop.set()
+            daemon.join(timeout=60)
+    assert "departments.yaml:" in caplog.text and "sla_hourz" in caplog.text
