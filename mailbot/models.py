@@ -150,12 +150,15 @@ class Outbox(SQLModel, table=True):
     key: str = Field(max_length=255, unique=True)  # what it answers; makes "send once" a constraint
     inquiry: int | None = Field(default=None, foreign_key="inquiry.id", index=True)
     template: str = Field(max_length=64)
-    recipient: str = Field(max_length=998)
+    # Indexed: the daily limit of automatic mail counts per recipient, for every mail and notification.
+    recipient: str = Field(max_length=998, index=True)
     message_id: str = Field(max_length=998, unique=True)
     raw: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
     state: str = Field(default="pending", max_length=16, index=True)  # pending | sending | sent | failed
     attempts: int = 0
     next_attempt_at: datetime = Field(index=True)
+    # host:pid of the process sending it: a crashed sender on this host is seen at once, not after the lease.
+    lease_owner: str | None = Field(default=None, max_length=255)
     last_error: str | None = Field(default=None, sa_column=Column(Text))
     created_at: datetime
     sent_at: datetime | None = None
@@ -174,6 +177,9 @@ class Subscription(SQLModel, table=True):
     inquiry: int | None = Field(default=None, foreign_key="inquiry.id")
     active: bool = True
     last_status: str | None = Field(default=None, max_length=64)  # the status they were last told
+    # Changes told so far; part of each notification's outbox key, so a status
+    # that changes back and forth is told every time, yet each change only once.
+    changes_told: int = Field(default=0, sa_column_kwargs={"server_default": "0"})
     created_at: datetime
 
 

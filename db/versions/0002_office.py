@@ -101,6 +101,7 @@ def upgrade() -> None:
     sa.Column('state', sqlmodel.sql.sqltypes.AutoString(length=16), nullable=False),
     sa.Column('attempts', sa.Integer(), nullable=False),
     sa.Column('next_attempt_at', sqlmodel.sql.sqltypes.UTCDateTime(), nullable=False),
+    sa.Column('lease_owner', sqlmodel.sql.sqltypes.AutoString(length=255), nullable=True),
     sa.Column('last_error', sa.Text(), nullable=True),
     sa.Column('created_at', sqlmodel.sql.sqltypes.UTCDateTime(), nullable=False),
     sa.Column('sent_at', sqlmodel.sql.sqltypes.UTCDateTime(), nullable=True),
@@ -112,6 +113,7 @@ def upgrade() -> None:
     with op.batch_alter_table('outbox', schema=None) as batch_op:
         batch_op.create_index(batch_op.f('ix_outbox_inquiry'), ['inquiry'], unique=False)
         batch_op.create_index(batch_op.f('ix_outbox_next_attempt_at'), ['next_attempt_at'], unique=False)
+        batch_op.create_index(batch_op.f('ix_outbox_recipient'), ['recipient'], unique=False)
         batch_op.create_index(batch_op.f('ix_outbox_state'), ['state'], unique=False)
 
     op.create_table('subscription',
@@ -122,6 +124,7 @@ def upgrade() -> None:
     sa.Column('inquiry', sa.Integer(), nullable=True),
     sa.Column('active', sa.Boolean(), nullable=False),
     sa.Column('last_status', sqlmodel.sql.sqltypes.AutoString(length=64), nullable=True),
+    sa.Column('changes_told', sa.Integer(), server_default='0', nullable=False),
     sa.Column('created_at', sqlmodel.sql.sqltypes.UTCDateTime(), nullable=False),
     sa.ForeignKeyConstraint(['inquiry'], ['inquiry.id'], ),
     sa.ForeignKeyConstraint(['number'], ['transaction.number'], ),
@@ -140,6 +143,7 @@ def downgrade() -> None:
     op.drop_table('subscription')
     with op.batch_alter_table('outbox', schema=None) as batch_op:
         batch_op.drop_index(batch_op.f('ix_outbox_state'))
+        batch_op.drop_index(batch_op.f('ix_outbox_recipient'))
         batch_op.drop_index(batch_op.f('ix_outbox_next_attempt_at'))
         batch_op.drop_index(batch_op.f('ix_outbox_inquiry'))
 

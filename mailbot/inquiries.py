@@ -1,0 +1,304 @@
+"""Inquiries: open one with its acknowledgement, join follow-ups, never feed a mail loop.
+
+The pipeline calls ONE function for every understood mail except a clerk's
+(clerk replies go to ``clerk.handle_clerk_reply``)::
+
+    handle_understood(session, message_row_id, understanding, decision, disclosed, rules, now,
+                      templates_dir=settings.templates_dir) -> Handled
+
+inside the transaction that marks the mail processed, so the inquiry, its
+acknowledgement in the outbox and the thread event commit together or not at
+all.  A new inquiry is forwarded to its department's queue
+(``queue.forward_to_queue``) in the same transaction.  Processing the same mail
+twice gives one inquiry and one reply: the inquiry is unique per mail and the
+acknowledgement's outbox key is ``ack:<message row id>``.
+
+What is never answered (SPEC "Never answer automatically"): the kinds
+``auto_reply``, ``bulk`` and ``bounce``; an empty sender, mailer-daemon,
+postmaster and no-reply senders; our own addresses and domains; an address
+that bounced (``undeliverable``); an address that already had
+``policy.max_auto_replies_per_day`` automatic mails in the last 24 hours; mail
+routed by a rule with ``no_auto_reply``.  Such mail is stored and, for an
+inquiry, still reaches the queue.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from sqlalchemy import select
+from sqlmodel import Session
+
+from mailbot import db, notify, outbox, queue, reply
+from mailbot.models import Inquiry, InquiryEvent, Outbox, Transaction
+from mailbot.route import Decision
+from mailbot.rules import Rules
+from mailbot.settings import SHIPPED_TEMPLATES
+from mailbot.understand import Understanding
+
+log = logging.getLogger(__name__)
+
+NEVER_ANSWERED_KINDS = ("auto_reply", "bulk", "bounce")
+_ROBOT_LOCALPART = re.compile(
+    r"^(mailer-daemon|postmaster|no-?reply|do-?not-?reply|bounces?|auto-?reply|autoresponder)([+.\-_].*)?$",
+    re.IGNORECASE,
+)
+_TAG = re.compile(r"(\d{1,9})")
+_inquiries = Inquiry.__table__
+
+
+@dataclass(frozen=True)
+class Handled:
+    """What became of one mail: ``action`` is opened | joined | ignored | bounce."""
+
+    action: str
+    inquiry: int | None = None
+    reply: str | None = None  # template of the acknowledgement queued, or None
+    reason: str | None = None  # why nothing was sent, for the log line
+
+
+def ack_template(understanding: Understanding, disclosed: Sequence[str]) -> str:
+    """SPEC "Replies" (as disclose.reply_template): status when the sender may see one, no status
+    for other numbers, else how to write one.  Numbers only quoted from older mail are not asked about."""
+    if disclosed:
+        return "ack_status"
+    return "ack_unverified" if _asked_numbers(understanding) else "ack_no_number"
+
+
+def our_addresses(rules: Rules) -> set[str]:
+    addresses = {rules.office.address.lower()}
+    for department in rules.departments:
+        addresses.update(a.lower() for a in (*department.aliases, department.queue, *department.clerks))
+        if department.escalation:
+            addresses.add(department.escalation.lower())
+    return addresses
+
+
+def unanswerable_sender(sender: str | None, rules: Rules) -> str | None:
+    """Why ``sender`` must never get an automatic mail, or None."""
+    if not sender or "@" not in sender:
+        return "empty sender"
+    address = sender.strip().lower()
+    localpart, _, domain = address.rpartition("@")
+    if _ROBOT_LOCALPART.match(localpart):
+        return f"robot sender {address}"
+    if address in our_addresses(rules) or domain in {d.lower() for d in rules.office.domains}:
+        return f"our own address {address}"
+    return None
+
+
+def _numbers(understanding: Understanding) -> list[str]:
+    return [found.number for found in understanding.transactions]
+
+
+def _asked_numbers(understanding: Understanding) -> list[str]:
+    """The numbers the citizen asks about now (not ones only quoted from older mail)."""
+    return [found.number for found in understanding.transactions if found.where != "quoted"]
+
+
+def find_inquiry(session: Session, tags: Iterable[object], message_ids: Iterable[str]) -> Inquiry | None:
+    """The inquiry a follow-up belongs to: by its [INQ-nnnnnn] tag, else by a Message-ID we sent."""
+    for value in tags:
+        match = _TAG.search(str(value))
+        if match:
+            inquiry = session.get(Inquiry, int(match.group(1)))
+            if inquiry is not None:
+                return inquiry
+    ids = [m for m in message_ids if m]
+    if ids:
+        inquiry_id = session.execute(
+            select(Outbox.inquiry).where(Outbox.message_id.in_(ids), Outbox.inquiry.is_not(None)).limit(1)
+        ).scalar_one_or_none()
+        if inquiry_id is not None:
+            return session.get(Inquiry, inquiry_id)
+    return None
+
+
+def _transaction_entries(session: Session, numbers: Sequence[str]) -> list[dict[str, object]]:
+    rows = {
+        row.number: row
+        for row in session.execute(select(Transaction).where(Transaction.number.in_(list(numbers)))).scalars()
+    }
+    return [
+        {"number": n, "status": rows[n].status, "updated_at": rows[n].updated_at} for n in numbers if n in rows
+    ]
+
+
+def _add_event(session: Session, inquiry: int, kind: str, message: int, author: str | None, text: str,
+               now: datetime) -> bool:
+    exists = session.execute(
+        select(InquiryEvent.id).where(
+            InquiryEvent.inquiry == inquiry, InquiryEvent.message == message, InquiryEvent.kind == kind
+        )
+    ).first()
+    if exists:
+        return False
+    session.add(InquiryEvent(inquiry=inquiry, kind=kind, message=message, author=author, text=text, at=now))
+    return True
+
+
+def open_inquiry(
+    session: Session,
+    message_row_id: int,
+    understanding: Understanding,
+    decision: Decision,
+    disclosed: Sequence[str],
+    rules: Rules,
+    now: datetime,
+    *,
+    templates_dir: Path = SHIPPED_TEMPLATES,
+) -> Handled:
+    """Create the inquiry, its queue_forward to the department's clerks and, unless loop safety
+    forbids it, its acknowledgement — one transaction.
+
+    ``understanding``: understand.Understanding; ``decision``: route.Decision (department, rule,
+    priority, tag, no_auto_reply); ``disclosed``: disclose.disclosed(...), the numbers whose
+    status this sender may see.
+    """
+    parsed = understanding.mail
+    department = rules.department(decision.department)
+    numbers = _numbers(understanding)
+    inserted = session.execute(
+        db.insert_ignoring_duplicates(session.get_bind(), _inquiries)
+        .values(
+            message=message_row_id,
+            department=department.id,
+            rule=decision.rule,
+            language=understanding.language,
+            state="open",
+            sender=(parsed.sender or "").lower(),
+            sender_name=reply.clean_header(parsed.sender_name or "")[:998] or None,
+            subject=parsed.subject,
+            transactions=" ".join(numbers),
+            priority=decision.priority,
+            tag=decision.tag,
+            created_at=now,
+            due_at=now + timedelta(hours=department.sla_hours),
+            escalation_level=0,
+        )
+        .returning(_inquiries.c.id)
+    ).scalar_one_or_none()
+    if inserted is None:
+        inquiry_id = session.execute(
+            select(Inquiry.id).where(Inquiry.message == message_row_id)
+        ).scalar_one()
+        log.info("mail=%s inquiry=%s already opened, nothing new", message_row_id, inquiry_id)
+        return Handled("opened", inquiry_id, reason="already processed")
+    inquiry_id = inserted
+    _add_event(session, inquiry_id, "citizen", message_row_id, parsed.sender, understanding.new_text, now)
+    session.flush()  # the forward quotes the citizen's text from that event
+    queue.forward_to_queue(session, inquiry_id, rules, now, templates_dir=templates_dir)
+    template = ack_template(understanding, disclosed)
+    blocked = _ack_blocked(session, parsed.sender, decision, rules, now)
+    if blocked:
+        log.info("mail=%s inquiry=%s no acknowledgement: %s", message_row_id, inquiry_id, blocked)
+        return Handled("opened", inquiry_id, reason=blocked)
+    context = {
+        "now": now,
+        "name": parsed.sender_name or None,
+        "subject": parsed.subject or None,
+        "department": department.id,
+        "due_at": now + timedelta(hours=department.sla_hours),
+        "transactions": (
+            _transaction_entries(session, disclosed) if template == "ack_status"
+            else [{"number": n} for n in _asked_numbers(understanding)]
+        ),
+    }
+    # Always to From, never to Reply-To: the status was disclosed to the From address alone.
+    mail = reply.compose(
+        template, understanding.language, context, rules, templates_dir,
+        inquiry=inquiry_id, recipient=parsed.sender, recipient_name=parsed.sender_name,
+        in_reply_to=parsed.message_id, references=parsed.references, auto_submitted=reply.AUTO_REPLIED,
+    )
+    outbox.enqueue(session, mail, key=f"ack:{message_row_id}", inquiry=inquiry_id, now=now)
+    if template == "ack_status":
+        for number in disclosed:
+            notify.subscribe(session, number, parsed.sender, understanding.language, inquiry_id)
+    return Handled("opened", inquiry_id, reply=template)
+
+
+def _ack_blocked(session: Session, sender: str | None, decision: Decision, rules: Rules, now: datetime) -> str | None:
+    if decision.no_auto_reply:
+        return f"rule {decision.rule} says no_auto_reply"
+    reason = unanswerable_sender(sender, rules)
+    if reason:
+        return reason
+    return outbox.auto_reply_blocked(session, sender or "", rules, now)
+
+
+def join_followup(session: Session, inquiry: Inquiry, message_row_id: int, understanding: Understanding,
+                  now: datetime) -> Handled:
+    """A citizen's reply joins its inquiry: an event on the thread, no new inquiry, no new acknowledgement."""
+    parsed = understanding.mail
+    added = _add_event(session, inquiry.id, "followup", message_row_id, parsed.sender, understanding.new_text, now)
+    if added and parsed.sender and parsed.sender.lower() == inquiry.sender.lower():
+        notify.apply_subscription_words(session, inquiry.id, parsed.sender, understanding.new_text)
+    return Handled("joined", inquiry.id, reason=None if added else "already joined")
+
+
+def record_bounce(session: Session, message_row_id: int, understanding: Understanding, now: datetime) -> Handled:
+    """A delivery-status report for a mail we sent: its failed recipients get no more automatic mail.
+
+    Only addresses we did write to are marked, so a forged bounce cannot silence a citizen
+    we never mailed; the returned Message-ID, when present, must be one of ours.
+    """
+    bounce = understanding.bounce
+    failed = [r.strip().lower() for r in (bounce.recipients if bounce else ()) if r and r.strip()]
+    original = bounce.original_message_id if bounce else None
+    sent = None
+    if original:
+        sent = session.execute(
+            select(Outbox.recipient, Outbox.inquiry).where(Outbox.message_id == original)
+        ).first()
+    if sent is not None:
+        recipients = [r for r in failed if r == sent.recipient] or [sent.recipient]
+    else:
+        ours = set(session.execute(select(Outbox.recipient).where(Outbox.recipient.in_(failed))).scalars())
+        recipients = [r for r in failed if r in ours]
+    for address in recipients:
+        outbox.mark_undeliverable(session, address, f"bounce mail={message_row_id}", now)
+        log.info("mail=%s recipient=%s marked undeliverable", message_row_id, address)
+    inquiry = sent.inquiry if sent is not None else None
+    if inquiry is not None:
+        _add_event(session, inquiry, "system", message_row_id, None, f"undeliverable: {', '.join(recipients)}", now)
+    return Handled("bounce", inquiry, reason=f"undeliverable: {', '.join(recipients) or 'no address of ours'}")
+
+
+def followed_inquiry(session: Session, understanding: Understanding) -> Inquiry | None:
+    """For a followup: the inquiry it replies to, or None (route it then as a new inquiry)."""
+    if understanding.kind != "followup":
+        return None
+    mail = understanding.mail
+    return find_inquiry(session, understanding.inquiry_tags, [mail.in_reply_to or "", *mail.references])
+
+
+def handle_understood(
+    session: Session,
+    message_row_id: int,
+    understanding: Understanding,
+    decision: Decision,
+    disclosed: Sequence[str],
+    rules: Rules,
+    now: datetime,
+    *,
+    templates_dir: Path = SHIPPED_TEMPLATES,
+) -> Handled:
+    """The pipeline's one call for a processed mail (not for clerk_reply): see the module docstring."""
+    kind = understanding.kind
+    if kind == "bounce":
+        return record_bounce(session, message_row_id, understanding, now)
+    if kind in NEVER_ANSWERED_KINDS or kind == "clerk_reply":
+        return Handled("ignored", reason=f"kind {kind} is never answered automatically")
+    if kind == "followup":
+        inquiry = followed_inquiry(session, understanding)
+        if inquiry is not None:
+            return join_followup(session, inquiry, message_row_id, understanding, now)
+        log.info("mail=%s follow-up of an unknown inquiry: handled as a new inquiry", message_row_id)
+    return open_inquiry(
+        session, message_row_id, understanding, decision, disclosed, rules, now, templates_dir=templates_dir
+    )

@@ -1,0 +1,327 @@
+"""inquiries.py: one inquiry and one acknowledgement per mail, follow-ups join, no mail loops."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+from email import message_from_bytes, policy
+from email.message import EmailMessage
+from email.utils import make_msgid
+
+import pytest
+from sqlalchemy import func, select
+from sqlalchemy.engine import Engine
+
+from mailbot import db, inquiries, store
+from mailbot.disclose import disclosed
+from mailbot.models import Inquiry, InquiryEvent, Outbox, Subscription, Undeliverable
+from mailbot.parse import parse_mail
+from mailbot.route import Decision, route
+from mailbot.transactions import import_csv, known_transactions
+from mailbot.understand import understand
+from conftest import CORPUS
+
+SAMPLES = CORPUS / "samples"
+NOW = datetime(2026, 11, 23, 9, 0, tzinfo=timezone.utc)
+
+
+@pytest.fixture
+def office(engine: Engine, rules) -> Engine:
+    """A database holding the sample back-office records."""
+    report = import_csv(engine, SAMPLES / "transactions.csv", rules)
+    assert not report.errors
+    return engine
+
+
+def handle(engine: Engine, rules, raw: bytes, now: datetime = NOW) -> inquiries.Handled:
+    """What the pipeline does for one stored mail: understand, route, disclose, handle — one transaction."""
+    stored = store.store_raw(engine, raw, origin="cli")
+    understanding = understand(parse_mail(raw), rules)
+    known = known_transactions(engine, [found.number for found in understanding.transactions])
+    with db.session(engine) as session:
+        existing = inquiries.followed_inquiry(session, understanding)
+        decision = route(understanding, rules, known, existing.department if existing else None)
+        shown = disclosed(understanding, rules, known)
+        return inquiries.handle_understood(session, stored.id, understanding, decision, shown, rules, now)
+
+
+def outbox_rows(engine: Engine) -> list:
+    """The acknowledgements queued (each new inquiry's queue_forward to the clerks is left out)."""
+    table = Outbox.__table__
+    with engine.connect() as connection:
+        return connection.execute(select(table).where(table.c.key.like("ack:%")).order_by(table.c.id)).all()
+
+
+def forwards(engine: Engine) -> list:
+    table = Outbox.__table__
+    with engine.connect() as connection:
+        return connection.execute(
+            select(table).where(table.c.template == "queue_forward").order_by(table.c.id)
+        ).all()
+
+
+def count(engine: Engine, table) -> int:  # noqa: ANN001 - SQLModel table class
+    with engine.connect() as connection:
+        return connection.execute(select(func.count()).select_from(table.__table__)).scalar_one()
+
+
+def citizen_mail(sender: str, subject: str, body: str, **headers: str) -> bytes:
+    mail = EmailMessage()
+    mail["From"] = sender
+    mail["To"] = "inquiries@emirate.example"
+    mail["Subject"] = subject
+    mail["Message-ID"] = make_msgid(domain="example.com")
+    mail["Date"] = "Mon, 23 Nov 2026 12:00:00 +0300"
+    for name, value in headers.items():
+        mail[name.replace("_", "-")] = value
+    mail.set_content(body)
+    return mail.as_bytes()
+
+
+def test_arabic_windows_1256_inquiry_gets_one_arabic_ack_status(office: Engine, rules) -> None:
+    raw = (SAMPLES / "mail" / "040-windows-1256-qp.eml").read_bytes()
+    handled = handle(office, rules, raw)
+    [row] = outbox_rows(office)
+    sent = message_from_bytes(row.raw, policy=policy.default)
+    text, html = sent.get_payload()
+
+    assert (handled.action, handled.reply, handled.reason) == ("opened", "ack_status", None)
+    assert row.key.startswith("ack:") and row.template == "ack_status"
+    assert row.recipient == "turki.alanazi@sahab.example"
+    assert sent["In-Reply-To"] == "<CAZ1oO9h=Ag2@mail.sahab.example>"
+    assert sent["Subject"].startswith(f"[INQ-{handled.inquiry:06d}] ")
+    assert sent["Auto-Submitted"] == "auto-replied"
+    assert sent["From"].addresses[0].display_name == "إمارة المنطقة"
+    assert '<html dir="rtl" lang="ar">' in html.get_content()
+    assert "١٤٤٥/٢٠٥٠٠" in text.get_content()
+    with db.session(office) as session:
+        inquiry = session.get(Inquiry, handled.inquiry)
+        subscription = session.execute(select(Subscription)).scalar_one()
+        event = session.execute(select(InquiryEvent)).scalar_one()
+    assert (inquiry.department, inquiry.language, inquiry.transactions) == ("governorates", "ar", "1445/20500")
+    assert inquiry.due_at == NOW + timedelta(hours=24)
+    assert (subscription.number, subscription.email) == ("1445/20500", "turki.alanazi@sahab.example")
+    assert (event.kind, event.message) == ("citizen", inquiry.message)
+    [forward] = forwards(office)
+    assert (forward.recipient, forward.inquiry) == ("governorates-queue@emirate.example", handled.inquiry)
+
+
+def test_english_inquiry_gets_an_english_ack(office: Engine, rules) -> None:
+    raw = (SAMPLES / "mail" / "002-plain-en-basic.eml").read_bytes()
+    handled = handle(office, rules, raw)
+    [row] = outbox_rows(office)
+    sent = message_from_bytes(row.raw, policy=policy.default)
+    text, html = sent.get_payload()
+
+    assert handled.reply == "ack_status"
+    assert sent["From"].addresses[0].display_name == "Regional Emirate"
+    assert sent["In-Reply-To"] == parse_mail(raw).message_id
+    assert "Transaction 1446/55102: Completed" in text.get_content()
+    assert '<html dir="ltr" lang="en">' in html.get_content()
+
+
+def test_same_mail_twice_is_one_inquiry_and_one_reply(office: Engine, rules) -> None:
+    raw = (SAMPLES / "mail" / "039-windows-1256-base64-csv-case.eml").read_bytes()
+    first = handle(office, rules, raw)
+    second = handle(office, rules, raw)
+
+    assert first.inquiry == second.inquiry
+    assert second.reason == "already processed"
+    assert count(office, Inquiry) == 1
+    assert len(outbox_rows(office)) == 1
+    assert len(forwards(office)) == 1
+    assert count(office, InquiryEvent) == 1
+
+
+def test_unknown_sender_gets_no_status_and_no_number_gets_the_howto(engine: Engine, rules) -> None:
+    asked = handle(engine, rules, citizen_mail("x@example.com", "Question", "What about 1446/00321 please?"))
+    nothing = handle(engine, rules, citizen_mail("y@example.com", "استفسار", "متى يتم الرد على طلبي؟"))
+    rows = outbox_rows(engine)
+
+    assert (asked.reply, nothing.reply) == ("ack_unverified", "ack_no_number")
+    unverified = message_from_bytes(rows[0].raw, policy=policy.default).get_payload()[0].get_content()
+    assert "1446/00321" in unverified and "Under review" not in unverified
+    howto = message_from_bytes(rows[1].raw, policy=policy.default).get_payload()[0].get_content()
+    assert "١٤٤٦/٠٠٣٢١" in howto
+
+
+def test_followup_with_tag_joins_without_a_new_ack(engine: Engine, rules) -> None:
+    opened = handle(engine, rules, citizen_mail("x@example.com", "Question", "Where is my certificate?"))
+    tag = f"[INQ-{opened.inquiry:06d}]"
+    joined = handle(engine, rules, citizen_mail("x@example.com", f"Re: {tag} Question", "Any news?"))
+    again = handle(engine, rules, citizen_mail("x@example.com", f"Re: {tag} Question", "Any news, please?"))
+
+    assert (joined.action, joined.inquiry, joined.reply) == ("joined", opened.inquiry, None)
+    assert again.inquiry == opened.inquiry
+    assert count(engine, Inquiry) == 1
+    assert len(outbox_rows(engine)) == 1
+    with db.session(engine) as session:
+        kinds = session.execute(select(InquiryEvent.kind).order_by(InquiryEvent.id)).scalars().all()
+    assert kinds == ["citizen", "followup", "followup"]
+
+
+def test_followup_by_references_to_our_ack_joins(engine: Engine, rules) -> None:
+    opened = handle(engine, rules, citizen_mail("x@example.com", "Question", "Where is my certificate?"))
+    [ack] = outbox_rows(engine)
+    reply = citizen_mail("x@example.com", "Re: Question", "Thanks, and?", In_Reply_To=ack.message_id,
+                         References=ack.message_id)
+    joined = handle(engine, rules, reply)
+
+    assert (joined.action, joined.inquiry) == ("joined", opened.inquiry)
+    assert len(outbox_rows(engine)) == 1
+
+
+def test_followup_of_an_unknown_inquiry_is_a_new_inquiry(engine: Engine, rules) -> None:
+    handled = handle(engine, rules, citizen_mail("x@example.com", "Re: [INQ-000999] Question", "Still waiting."))
+
+    assert handled.action == "opened" and handled.inquiry != 999
+    assert handled.reply == "ack_no_number"
+    assert len(outbox_rows(engine)) == 1
+
+
+@pytest.mark.parametrize(
+    ("sender", "headers", "reason"),
+    [
+        ("robot@example.com", {"Auto_Submitted": "auto-replied"}, "kind auto_reply is never answered automatically"),
+        ("news@example.com", {"Precedence": "bulk", "List_Id": "<news.example.com>"}, "kind bulk is never answered automatically"),
+    ],
+)
+def test_robots_and_lists_are_never_answered(sqlite_url: str, rules, sender: str, headers: dict, reason: str) -> None:
+    engine = db.get_engine(sqlite_url)
+    handled = handle(engine, rules, citizen_mail(sender, "Question 1446/00321", "Hello", **headers))
+
+    assert (handled.action, handled.inquiry, handled.reason) == ("ignored", None, reason)
+    assert outbox_rows(engine) == []
+
+
+@pytest.mark.parametrize(
+    ("sender", "reason"),
+    [
+        ("no-reply@bank.example", "robot sender no-reply@bank.example"),
+        ("Postmaster@example.com", "robot sender postmaster@example.com"),
+        ("rights@emirate.example", "our own address rights@emirate.example"),
+        ("someone@emirate.example", "our own address someone@emirate.example"),
+    ],
+)
+def test_unanswerable_senders_get_an_inquiry_but_no_ack(sqlite_url: str, rules, sender: str, reason: str) -> None:
+    engine = db.get_engine(sqlite_url)
+    mail = parse_mail(citizen_mail(sender, "استفسار", "متى يتم الرد؟"))
+    understanding = understand(mail, rules)
+    stored = store.store_raw(engine, citizen_mail(sender, "x", "y"), origin="cli")
+    with db.session(engine) as session:
+        handled = inquiries.open_inquiry(session, stored.id, understanding, Decision("general", "fallback"), [],
+                                         rules, NOW)
+
+    assert handled.reason == reason
+    assert handled.inquiry is not None and handled.reply is None
+    assert outbox_rows(engine) == []
+    assert len(forwards(engine)) == 1  # the clerks still see it
+
+
+def test_empty_sender_is_never_answered(rules) -> None:
+    assert inquiries.unanswerable_sender(None, rules) == "empty sender"
+    assert inquiries.unanswerable_sender("", rules) == "empty sender"
+    assert inquiries.unanswerable_sender("citizen@example.com", rules) is None
+
+
+def test_no_auto_reply_rule_opens_without_ack(sqlite_url: str, rules) -> None:
+    engine = db.get_engine(sqlite_url)
+    raw = citizen_mail("x@example.com", "Question", "Hello")
+    stored = store.store_raw(engine, raw, origin="cli")
+    with db.session(engine) as session:
+        handled = inquiries.open_inquiry(session, stored.id, understand(parse_mail(raw), rules),
+                                         Decision("general", "vip", no_auto_reply=True), [], rules, NOW)
+    assert handled.reason == "rule vip says no_auto_reply"
+    assert outbox_rows(engine) == []
+
+
+def test_daily_limit_caps_automatic_replies_to_one_address(engine: Engine, rules) -> None:
+    limit = rules.policy.max_auto_replies_per_day
+    results = [
+        handle(engine, rules, citizen_mail("busy@example.com", f"Question {n}", f"Question number {n}"))
+        for n in range(limit + 2)
+    ]
+
+    assert [r.reply for r in results] == ["ack_no_number"] * limit + [None, None]
+    assert results[-1].reason == f"daily limit of {limit} automatic replies reached"
+    assert count(engine, Inquiry) == limit + 2  # still stored and queued for the clerks
+    assert len(outbox_rows(engine)) == limit
+    tomorrow = handle(engine, rules, citizen_mail("busy@example.com", "Next day", "Hello"), NOW + timedelta(days=1, minutes=1))
+    assert tomorrow.reply == "ack_no_number"
+
+
+def delivery_report(failed: str, original_message_id: str) -> bytes:
+    """An RFC 3464 bounce from a receiving MTA, with the returned mail's headers."""
+    bounce = EmailMessage()
+    bounce["From"] = "MAILER-DAEMON@mx.example.com"
+    bounce["To"] = "inquiries@emirate.example"
+    bounce["Subject"] = "Undelivered Mail Returned to Sender"
+    bounce["Message-ID"] = make_msgid(domain="mx.example.com")
+    bounce.set_content("This is the mail system at host mx.example.com.\n\nI'm sorry to have to inform you "
+                       "that your message could not be delivered to one or more recipients.\n\n"
+                       f"<{failed}>: host mx.example.com said: 550 5.1.1 User unknown\n")
+    bounce.add_attachment(
+        f"Reporting-MTA: dns; mx.example.com\n\nFinal-Recipient: rfc822; {failed}\n"
+        "Action: failed\nStatus: 5.1.1\nDiagnostic-Code: smtp; 550 5.1.1 User unknown\n",
+        subtype="delivery-status",
+    )
+    original = EmailMessage()
+    original["Message-ID"] = original_message_id
+    original["To"] = failed
+    original.set_content("x")
+    bounce.add_attachment(original)
+    bounce.replace_header("Content-Type", bounce["Content-Type"].replace("multipart/mixed", "multipart/report")
+                          + "; report-type=delivery-status")
+    return bounce.as_bytes()
+
+
+def test_bounce_marks_the_recipient_undeliverable(engine: Engine, rules) -> None:
+    opened = handle(engine, rules, citizen_mail("gone@example.com", "Question", "Hello"))
+    [ack] = outbox_rows(engine)
+    handled = handle(engine, rules, delivery_report("gone@example.com", ack.message_id))
+    later = handle(engine, rules, citizen_mail("gone@example.com", "Again", "Hello?"))
+
+    assert handled.action == "bounce"
+    assert handled.inquiry == opened.inquiry
+    assert handled.reason == "undeliverable: gone@example.com"
+    with db.session(engine) as session:
+        assert session.get(Undeliverable, "gone@example.com") is not None
+    assert later.action == "opened" and later.reply is None and later.reason == "undeliverable"
+    assert len(outbox_rows(engine)) == 1
+
+
+def test_forged_bounce_cannot_silence_someone_we_never_wrote_to(sqlite_url: str, rules) -> None:
+    engine = db.get_engine(sqlite_url)
+    handled = handle(engine, rules, delivery_report("victim@example.com", "<not-ours@example.com>"))
+    later = handle(engine, rules, citizen_mail("victim@example.com", "Question", "Hello"))
+
+    assert (handled.action, handled.reason) == ("bounce", "undeliverable: no address of ours")
+    assert count(engine, Undeliverable) == 0
+    assert later.reply == "ack_no_number"
+
+
+@pytest.mark.parametrize("polite", [True, False], ids=["auto-submitted", "no-headers-keeps-tag"])
+def test_out_of_office_robot_exchange_stops_after_one_round(sqlite_url: str, rules, polite: bool) -> None:
+    """A robot that answers every mail it receives: politely (RFC 3834 headers) or not at all politely."""
+    engine = db.get_engine(sqlite_url)
+    first = handle(engine, rules, citizen_mail("away@example.com", "Question", "Where is 1446/00321?"))
+    answered = 0
+    while answered < 20:
+        ours = outbox_rows(engine)[answered:]
+        if not ours:
+            break
+        for row in ours:
+            sent = message_from_bytes(row.raw, policy=policy.default)
+            headers = {"In_Reply_To": sent["Message-ID"], "References": sent["Message-ID"]}
+            if polite:
+                headers["Auto_Submitted"] = "auto-replied"
+                subject = f"Automatic reply: {sent['Subject']}"
+            else:
+                subject = f"Re: {sent['Subject']}"
+            handle(engine, rules, citizen_mail("away@example.com", subject, "I am out of the office until Sunday.",
+                                               **headers))
+            answered += 1
+
+    assert first.reply == "ack_unverified"
+    assert answered == 1  # our ack, one robot answer, nothing more
+    assert len(outbox_rows(engine)) == 1
+    assert count(engine, Inquiry) == 1
