@@ -9,6 +9,7 @@ system, a non-clerk's command, an overdue inquiry, a SIGTERM in a busy run.
 
 from __future__ import annotations
 
+import base64
 import os
 import signal
 import subprocess
@@ -19,6 +20,7 @@ from email.header import Header
 from pathlib import Path
 from typing import Callable, Iterator
 
+import pytest
 from sqlalchemy import func, select, text
 from sqlalchemy.engine import Engine
 
@@ -52,8 +54,6 @@ def citizen_mail(message_id: str, body: str, subject: str = "استفسار عن
 
 
 def _b64(value: str) -> str:
-    import base64
-
     return base64.b64encode(value.encode("windows-1256")).decode("ascii")
 
 
@@ -117,20 +117,24 @@ def mailbot_run(tmp_path: Path, dovecot: Dovecot, sink: SmtpSink, **extra: str) 
     assert code == 0, log_path.read_text(errors="replace")[-3000:]
 
 
-def add_transaction(engine: Engine, number: str = NUMBER, status: str = "under_review") -> None:
-    now = db.utcnow()
-    with db.session(engine) as session:
-        session.add(Transaction(number=number, department="rights", status=status, applicant_name="سعد القحطاني",
-                                applicant_emails=CITIZEN, updated_at=now, created_at=now))
-
-
-def test_citizen_asks_clerk_answers_citizen_hears_answer_and_status_change(
-    tmp_path: Path, dovecot: Dovecot, smtp_sink: SmtpSink
-) -> None:
+@pytest.fixture
+def office(tmp_path: Path) -> Engine:
+    """The daemon's database, with the citizen's rights transaction on file (under review)."""
     url = f"sqlite:///{tmp_path / 'mailbot.db'}"
     db.upgrade(url)
     engine = db.get_engine(url)
-    add_transaction(engine)
+    now = db.utcnow()
+    with db.session(engine) as session:
+        session.add(Transaction(number=NUMBER, department="rights", status="under_review",
+                                applicant_name="سعد القحطاني", applicant_emails=CITIZEN, updated_at=now,
+                                created_at=now))
+    return engine
+
+
+def test_citizen_asks_clerk_answers_citizen_hears_answer_and_status_change(
+    tmp_path: Path, dovecot: Dovecot, smtp_sink: SmtpSink, office: Engine
+) -> None:
+    engine = office
     log = tmp_path / "mailbot.log"
     with mailbot_run(tmp_path, dovecot, smtp_sink):
         dovecot.append([citizen_mail("<ask-1@example.com>",
@@ -171,12 +175,9 @@ def test_citizen_asks_clerk_answers_citizen_hears_answer_and_status_change(
 
 
 def test_direct_sql_update_is_notified_once_and_a_strangers_command_changes_nothing(
-    tmp_path: Path, dovecot: Dovecot, smtp_sink: SmtpSink
+    tmp_path: Path, dovecot: Dovecot, smtp_sink: SmtpSink, office: Engine
 ) -> None:
-    url = f"sqlite:///{tmp_path / 'mailbot.db'}"
-    db.upgrade(url)
-    engine = db.get_engine(url)
-    add_transaction(engine)
+    engine = office
     log = tmp_path / "mailbot.log"
     with mailbot_run(tmp_path, dovecot, smtp_sink):
         dovecot.append([citizen_mail("<ask-2@example.com>", "ما هي حالة معاملتي رقم 1446/00321 ؟")])
