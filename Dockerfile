@@ -6,8 +6,7 @@ COPY mailbot ./mailbot
 COPY rules ./rules
 COPY templates ./templates
 COPY db ./db
-COPY scripts ./scripts
-RUN pip install --no-cache-dir -e . \
+RUN pip install --no-cache-dir . \
     && useradd --system --home /data mailbot \
     && mkdir -p /data && chown mailbot /data
 

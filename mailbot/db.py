@@ -13,9 +13,9 @@ from sqlalchemy import event
 from sqlalchemy.engine import Engine, make_url
 from sqlmodel import Session, create_engine
 
-from mailbot.settings import PROJECT_ROOT
+from mailbot.settings import shipped
 
-MIGRATIONS = PROJECT_ROOT / "db"
+MIGRATIONS = shipped("db")
 _engines: dict[str, Engine] = {}
 
 

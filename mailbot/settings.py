@@ -8,13 +8,24 @@ start, and a bad one raises :class:`SettingsError` naming the variable.
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
-SHIPPED_RULES = PROJECT_ROOT / "rules"
-SHIPPED_TEMPLATES = PROJECT_ROOT / "templates"
+
+
+def shipped(name: str) -> Path:
+    """A folder shipped with mailbot: in a checkout (or editable install) the
+    source tree's, after ``pip install .`` the copy under ``<prefix>/share/mailbot``."""
+    if (PROJECT_ROOT / "pyproject.toml").is_file():
+        return PROJECT_ROOT / name
+    return Path(sys.prefix) / "share" / "mailbot" / name
+
+
+SHIPPED_RULES = shipped("rules")
+SHIPPED_TEMPLATES = shipped("templates")
 TLS_MODES = ("ssl", "starttls", "none")
 
 
