@@ -20,6 +20,8 @@ from mailbot import db
 from mailbot.rules import Rules, load_rules
 from mailbot.settings import SHIPPED_RULES
 
+from dovecot import dovecot  # noqa: E402,F401 - the private Dovecot fixture (tests/dovecot.py)
+
 PG_ADMIN = os.environ.get("MAILBOT_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
 BACKENDS = ("sqlite", "postgresql")
 CORPUS = Path(__file__).resolve().parent.parent.parent / "shared" / "corpus"
