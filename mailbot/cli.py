@@ -57,6 +57,17 @@ def status(as_json: bool) -> None:
         health = queue.queue_health(engine, db.utcnow())
         report["queues"] = {"open": health.open_by_department, "overdue": health.overdue_by_department}
         report["outbox"] = {**health.outbox, "stuck": health.outbox_stuck}
+        now = db.utcnow()
+        intakes = store.intake_health(engine)
+        report["intake"] = {
+            intake.name: {
+                "last_ok_at": intake.last_ok_at.isoformat() if intake.last_ok_at else None,
+                "last_error_at": intake.last_error_at.isoformat() if intake.last_error_at else None,
+                "last_error": intake.last_error,
+                "failing": intake.is_failing(now),
+            }
+            for intake in intakes
+        }
     except SQLAlchemyError as error:
         message = f"{error.__class__.__name__}: {str(error).splitlines()[0]}"
         if as_json:
@@ -77,9 +88,16 @@ def status(as_json: bool) -> None:
         click.echo("outbox:")
         for state, count in report["outbox"].items():
             click.echo(f"  {state:<12} {count}")
+        for intake in intakes:
+            click.echo(f"intake {intake.name}: last ok {intake.last_ok_at or 'never'}"
+                       + (f", last error {intake.last_error_at}: {intake.last_error}" if intake.last_error_at else ""))
+    failing = [intake for intake in intakes if intake.is_failing(now)]
+    for intake in failing:
+        click.echo(f"intake {intake.name} failing: {intake.last_error}", err=True)
     if health.is_stuck:
         click.echo(f"outbox stuck: {health.outbox_stuck} mail(s) unsent for over "
                    f"{int(queue.STUCK_AFTER.total_seconds() // 60)} minutes", err=True)
+    if health.is_stuck or failing:
         sys.exit(1)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from email.parser import BytesHeaderParser
 from email.policy import compat32
 
@@ -18,9 +19,12 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
 from mailbot import db
-from mailbot.models import MESSAGE_STATES, PROCESSED, QUARANTINED, RECEIVED, ImapSeen, Message
+from mailbot.models import MESSAGE_STATES, PROCESSED, QUARANTINED, RECEIVED, ImapSeen, IntakeState, Message
 
 log = logging.getLogger(__name__)
+
+# An intake failing this long without a success makes `mailbot status` exit non-zero.
+INTAKE_GRACE = timedelta(minutes=10)
 
 
 @dataclass(frozen=True)
@@ -141,3 +145,24 @@ def count_by_state(engine: Engine) -> dict[str, int]:
         )
         counts.update({state: count for state, count in rows})
     return counts
+
+
+@dataclass(frozen=True)
+class IntakeHealth:
+    name: str
+    last_ok_at: datetime | None
+    last_error_at: datetime | None
+    last_error: str | None
+
+    def is_failing(self, now: datetime, grace: timedelta = INTAKE_GRACE) -> bool:
+        """Failing now, and no success for ``grace`` (a passing reconnect is not worth a page)."""
+        if self.last_error_at is None or (self.last_ok_at is not None and self.last_ok_at >= self.last_error_at):
+            return False
+        return self.last_ok_at is None or now - self.last_ok_at > grace
+
+
+def intake_health(engine: Engine) -> list[IntakeHealth]:
+    """What each intake (IMAP) last reported, for `mailbot status`."""
+    with engine.connect() as connection:
+        rows = connection.execute(select(IntakeState.__table__).order_by(IntakeState.__table__.c.name)).all()
+    return [IntakeHealth(row.name, row.last_ok_at, row.last_error_at, row.last_error) for row in rows]

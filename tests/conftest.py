@@ -8,6 +8,7 @@ so tests (and developers running them side by side) never see each other's rows.
 from __future__ import annotations
 
 import os
+import sys
 import uuid
 from pathlib import Path
 from typing import Iterator
@@ -21,10 +22,13 @@ from mailbot.rules import Rules, load_rules
 from mailbot.settings import SHIPPED_RULES
 
 from dovecot import dovecot  # noqa: E402,F401 - the private Dovecot fixture (tests/dovecot.py)
+from smtpsink import smtp_sink  # noqa: E402,F401 - the relay sink fixture (tests/smtpsink.py)
 
 PG_ADMIN = os.environ.get("MAILBOT_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
 BACKENDS = ("sqlite", "postgresql")
 CORPUS = Path(__file__).resolve().parent.parent.parent / "shared" / "corpus"
+# The command line, whichever environment runs the tests.
+MAILBOT = (sys.executable, "-m", "mailbot")
 
 
 def create_pg_database() -> str:

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner, Result
+from sqlalchemy import update
 from sqlalchemy.engine import Engine
 
-from mailbot import parse, pipeline, store
+from mailbot import db, parse, pipeline, store
+from mailbot.models import IntakeState
 from mailbot.cli import cli
 from mailbot.rules import Rules
 
@@ -74,6 +77,26 @@ def test_status_exits_non_zero_when_the_database_is_unreachable(invoke):
     report = json.loads(result.stdout)
     assert report["database"] == "unreachable"
     assert report["error"].startswith("OperationalError: (psycopg.OperationalError) connection failed")
+
+
+def test_status_reports_imap_health_and_fails_while_imap_keeps_failing(invoke, engine: Engine):
+    from mailbot.intake.imap import record_health
+
+    record_health(engine)
+    healthy = invoke("status", "--json")
+    assert healthy.exit_code == 0, healthy.output
+    assert json.loads(healthy.stdout)["intake"]["imap"]["failing"] is False
+    # A reconnect that has not succeeded for longer than the grace period pages the operator.
+    with engine.begin() as connection:
+        connection.execute(
+            update(IntakeState.__table__).values(last_ok_at=db.utcnow() - timedelta(minutes=11))
+        )
+    record_health(engine, "LoginError: authentication failed")
+    failing = invoke("status")
+    assert failing.exit_code == 1
+    assert "intake imap failing: LoginError: authentication failed" in failing.stderr
+    record_health(engine)
+    assert invoke("status").exit_code == 0
 
 
 def test_quarantine_list_shows_id_received_message_id_and_reason(invoke, engine: Engine, quarantined: int):

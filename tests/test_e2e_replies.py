@@ -35,11 +35,10 @@ from mailbot.route import route
 from mailbot.settings import PROJECT_ROOT, Settings
 from mailbot.transactions import import_csv, known_transactions
 from mailbot.understand import understand
-from conftest import CORPUS
-from smtpsink import SmtpSink, free_port, smtp_sink  # noqa: F401 - fixture
+from conftest import CORPUS, MAILBOT
+from smtpsink import SmtpSink, free_port
 
 SAMPLES = CORPUS / "samples"
-MAILBOT = str(PROJECT_ROOT / ".venv" / "bin" / "mailbot")
 _outbox = Outbox.__table__
 
 
@@ -105,7 +104,7 @@ def test_sample_corpus_each_inquiry_answered_once_through_a_flaky_relay(
         assert mail["In-Reply-To"] and mail["Auto-Submitted"] == "auto-replied"
         html = mail.get_payload()[1].get_content()
         language = mail["Content-Language"]
-        assert (f'<html dir="rtl" lang="ar">' in html) == (language == "ar")
+        assert ('<html dir="rtl" lang="ar">' in html) == (language == "ar")
 
 
 def test_permanent_refusal_fails_and_is_not_retried(engine: Engine, rules, smtp_sink: SmtpSink) -> None:
@@ -134,7 +133,7 @@ def daemon_env(tmp_path: Path, extra_env: dict[str, str] | None = None) -> dict[
         "MAILBOT_OUTBOX_SECONDS": "0.2",
         **(extra_env or {}),
     }
-    imported = subprocess.run([MAILBOT, "transactions", "import", str(SAMPLES / "transactions.csv")], env=env,
+    imported = subprocess.run([*MAILBOT, "transactions", "import", str(SAMPLES / "transactions.csv")], env=env,
                               cwd=tmp_path, capture_output=True, text=True)
     assert imported.returncode == 0, imported.stderr
     return env
@@ -144,7 +143,7 @@ def start_daemon(env: dict[str, str], tmp_path: Path) -> subprocess.Popen:
     """Start ``mailbot run`` and wait until its SMTP ingress answers."""
     log_path = tmp_path / "mailbot.log"
     with log_path.open("ab") as log:
-        daemon = subprocess.Popen([MAILBOT, "run"], env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT)
+        daemon = subprocess.Popen([*MAILBOT, "run"], env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT)
     host, _, port = env["MAILBOT_SMTP_LISTEN"].rpartition(":")
     deadline = time.monotonic() + 30
     while True:

@@ -22,13 +22,13 @@ from imapclient.exceptions import CapabilityError, LoginError
 from sqlalchemy import func, select
 from sqlalchemy.engine import Engine
 
+from conftest import MAILBOT
 from dovecot import Dovecot
 from mailbot import db, store
 from mailbot.intake import imap
 from mailbot.models import ImapSeen, IntakeState, Message
 from mailbot.settings import Settings
 
-MAILBOT = Path(__file__).resolve().parent.parent / ".venv" / "bin" / "mailbot"
 NO_IDLE = {"idle": False}
 NO_MOVE = {"move": False}
 BARE = {"idle": False, "move": False, "uidplus": False}
@@ -488,7 +488,7 @@ def test_backoff_grows_capped_with_jitter() -> None:
 
 def start_mailbot_run(env: dict[str, str], cwd: Path, log_path: Path) -> subprocess.Popen:
     with log_path.open("ab") as log_file:
-        return subprocess.Popen([str(MAILBOT), "run"], env=env, cwd=cwd, stdout=log_file, stderr=subprocess.STDOUT)
+        return subprocess.Popen([*MAILBOT, "run"], env=env, cwd=cwd, stdout=log_file, stderr=subprocess.STDOUT)
 
 
 def test_mailbot_run_killed_at_random_moments_archives_every_mail_once(tmp_path: Path, dovecot: Dovecot) -> None:

@@ -13,19 +13,19 @@ import time
 from dataclasses import replace
 from email.message import EmailMessage
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import pytest
 from imapclient import IMAPClient
 from sqlalchemy import select
 from sqlalchemy.engine import Engine
 
+from conftest import MAILBOT
 from dovecot import Dovecot
 from mailbot import jobs
 from mailbot.models import Message
 from mailbot.settings import Settings
 
-MAILBOT = Path(__file__).resolve().parent.parent / ".venv" / "bin" / "mailbot"
 OFFICE = "inquiries@emirate.example"
 
 
@@ -81,7 +81,7 @@ def test_mailbot_run_processes_mail_and_stops_on_sigterm_without_losing_any(
         "MAILBOT_SMTP_PASSWORD": "relay-sekret",
     }
     with log_path.open("wb") as log_file:
-        daemon = subprocess.Popen([str(MAILBOT), "run"], cwd=tmp_path, env=env, stdout=log_file, stderr=log_file)
+        daemon = subprocess.Popen([*MAILBOT, "run"], cwd=tmp_path, env=env, stdout=log_file, stderr=log_file)
     try:
         wait_for(lambda: answers(port) or daemon.poll() is not None, 30, "mailbot run to accept SMTP")
         assert daemon.poll() is None, log_path.read_text()
@@ -152,14 +152,14 @@ def test_mailbot_run_reports_a_port_in_use(sqlite_url: str, tmp_path: Path):
         taken.listen()
         port = taken.getsockname()[1]
         env = {**os.environ, "MAILBOT_DB": sqlite_url, "MAILBOT_SMTP_LISTEN": f"127.0.0.1:{port}"}
-        result = subprocess.run([str(MAILBOT), "run"], cwd=tmp_path, env=env, capture_output=True, timeout=60)
+        result = subprocess.run([*MAILBOT, "run"], cwd=tmp_path, env=env, capture_output=True, timeout=60)
     assert result.returncode == 1
     assert b"Error: cannot listen: [Errno 98] error while attempting to bind on address" in result.stderr
 
 
 def test_mailbot_run_reports_an_unreachable_database(tmp_path: Path):
     env = {**os.environ, "MAILBOT_DB": "postgresql://mailbot@127.0.0.1:1/x"}
-    result = subprocess.run([str(MAILBOT), "run"], cwd=tmp_path, env=env, capture_output=True, timeout=60)
+    result = subprocess.run([*MAILBOT, "run"], cwd=tmp_path, env=env, capture_output=True, timeout=60)
     assert result.returncode == 1
     assert result.stderr.decode().startswith(
         "Error: database cannot be used: OperationalError: (psycopg.OperationalError) connection failed"
@@ -168,17 +168,9 @@ def test_mailbot_run_reports_an_unreachable_database(tmp_path: Path):
 
 def test_mailbot_run_reports_a_bad_setting(tmp_path: Path):
     env = {**os.environ, "MAILBOT_WORKER_SECONDS": "often"}
-    result = subprocess.run([str(MAILBOT), "run"], cwd=tmp_path, env=env, capture_output=True, timeout=60)
+    result = subprocess.run([*MAILBOT, "run"], cwd=tmp_path, env=env, capture_output=True, timeout=60)
     assert result.returncode == 1
     assert result.stderr.decode() == "Error: MAILBOT_WORKER_SECONDS has value 'often'. Not a valid number.\n"
-
-
-@pytest.fixture
-def dovecot() -> Iterator[Dovecot]:
-    server = Dovecot()
-    server.start()
-    yield server
-    server.stop()
 
 
 def test_run_daemon_runs_imap_smtp_and_lmtp_intake_and_the_worker(engine: Engine, dovecot: Dovecot):

@@ -13,7 +13,6 @@ import base64
 import os
 import signal
 import subprocess
-import sys
 import time
 from contextlib import contextmanager
 from email.header import Header
@@ -26,8 +25,9 @@ from sqlalchemy.engine import Engine
 
 from mailbot import db
 from mailbot.models import Inquiry, Message, Outbox, Transaction, TransactionHistory
+from conftest import MAILBOT
 from dovecot import Dovecot
-from smtpsink import Accepted, SmtpSink, smtp_sink  # noqa: F401 - fixture
+from smtpsink import Accepted, SmtpSink
 
 CITIZEN = "citizen.journey@example.com"
 CLERK = "f.alshehri@emirate.example"
@@ -103,7 +103,7 @@ def mailbot_run(tmp_path: Path, dovecot: Dovecot, sink: SmtpSink, **extra: str) 
     }
     log_path = tmp_path / "mailbot.log"
     with log_path.open("ab") as log:
-        daemon = subprocess.Popen([sys.executable, "-m", "mailbot", "run"], env=env, cwd=tmp_path,
+        daemon = subprocess.Popen([*MAILBOT, "run"], env=env, cwd=tmp_path,
                                   stdout=log, stderr=subprocess.STDOUT)
     try:
         wait_for(lambda: "mailbot running" in log_path.read_text(errors="replace") or daemon.poll() is not None,

@@ -21,7 +21,7 @@ from mailbot import db, outbox, reply
 from mailbot.cli import cli
 from mailbot.models import Outbox
 from mailbot.settings import SHIPPED_TEMPLATES, Settings
-from smtpsink import SmtpSink, free_port, make_certificate, smtp_sink  # noqa: F401 - fixture
+from smtpsink import SmtpSink, free_port, make_certificate
 
 _table = Outbox.__table__
 
