@@ -9,14 +9,18 @@ ParseError.
 
 from __future__ import annotations
 
+import base64
 import codecs
 import email.header
 import email.utils
 import logging
 import re
+import secrets
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from email.message import Message
+from email.parser import BytesHeaderParser
+from email.policy import compat32
 from typing import NamedTuple
 
 import mailparser
@@ -50,6 +54,16 @@ _ARABIC_FALLBACK = "cp1256"
 _SPACE = re.compile(r"\s+")
 _HIGH_WORD = re.compile(rb"[\x80-\xff]{2,}")
 _HIGH_BYTE = re.compile(rb"[\x80-\xff]")
+
+# Mails above this size are parsed from a slim copy (see slim_copy); below it the
+# stdlib parser's per-line lists cost little, and the mail is parsed as it is.
+SLIM_ABOVE = 1024 * 1024
+# A base64 body at least this long, of a non-text leaf part, is left out of the slim copy.
+_ELIDE_AT_LEAST = 64 * 1024
+_BLANK_LINE = re.compile(rb"\n\r?\n")
+_BASE64_TEXT = re.compile(rb"[A-Za-z0-9+/=\r\n]*")
+_HEADER_LINE = re.compile(rb"(?:[!-9;-~]+:.*|[ \t].*)")
+_HEADERS_AT_MOST = 64 * 1024
 
 
 class ParseError(Exception):
@@ -221,17 +235,104 @@ def _message(raw: bytes) -> Message:
         return email.message_from_bytes(raw)
 
 
+def slim_copy(raw: bytes) -> tuple[bytes, dict[bytes, int]]:
+    """``raw`` with the large base64 bodies of non-text leaf parts replaced by short
+    markers, and {decoded marker: decoded size of the body it replaced}.
+
+    The stdlib parser (and mail-parser, which wraps it) keeps a body as a list of
+    lines and then joins and decodes it: ~8 times the mail's size at the peak, over
+    200 MB for one 25 MB attachment.  Attachments are only metadata here, so their
+    bytes need not be parsed at all: the part's headers are read, and the decoded
+    size is counted from the base64 text in place.  Anything that does not look
+    exactly like such a body (text parts, other encodings, stray characters, odd
+    padding) is kept as it is, so the parse gives what the whole mail would.
+    """
+    nonce = secrets.token_hex(8)
+    elided: dict[bytes, int] = {}
+    pieces: list[bytes] = []
+    kept_up_to = 0
+    for blank in _BLANK_LINE.finditer(raw):
+        start = blank.end()
+        if start < kept_up_to:
+            continue
+        # The body ends where the MIME parser ends it: at a boundary line, or the mail's end.
+        end = raw.find(b"\n--", start) + 1 or len(raw)
+        if end - start < _ELIDE_AT_LEAST or not _BASE64_TEXT.fullmatch(raw, start, end):
+            continue
+        size = _base64_size(raw, start, end)
+        if size is None or not _is_boundary(raw, end) or not _elidable(_part_headers(raw, blank.start())):
+            continue
+        marker = f"mailbot elided part {nonce} {len(elided)}".encode()
+        elided[marker] = size
+        pieces += [raw[kept_up_to:start], base64.b64encode(marker), b"\n"]
+        kept_up_to = end
+    if not elided:
+        return raw, elided
+    pieces.append(raw[kept_up_to:])
+    return b"".join(pieces), elided
+
+
+def _is_boundary(raw: bytes, line: int) -> bool:
+    """Whether the line at ``line`` is the end of the mail or a boundary declared before it
+    (any other "--" line would be body text to the MIME parser)."""
+    if line == len(raw):
+        return True
+    eol = raw.find(b"\n", line)
+    token = raw[line + 2 : eol if eol >= 0 else len(raw)].rstrip(b" \t\r").removesuffix(b"--")
+    declared = re.compile(rb'boundary\s*=\s*"?' + re.escape(token) + rb'(?:"|[\s;]|$)', re.IGNORECASE | re.MULTILINE)
+    return bool(token) and declared.search(raw, 0, line) is not None
+
+
+def _part_headers(raw: bytes, body_break: int) -> Message | None:
+    """The header block ending at ``body_break`` (its blank line): from the previous
+    boundary line or blank line (an attached mail's headers), else the mail's start."""
+    floor = max(0, body_break - _HEADERS_AT_MOST)
+    boundary = raw.rfind(b"\n--", floor, body_break)
+    blank = max(raw.rfind(b"\n\n", floor, body_break), raw.rfind(b"\n\r\n", floor, body_break))
+    if boundary < 0 and blank < 0 and floor > 0:
+        return None
+    start = 0
+    if boundary >= 0:
+        start = raw.find(b"\n", boundary + 1) + 1
+    if blank >= 0:
+        start = max(start, raw.find(b"\n", blank + 1) + 1)
+    block = raw[start:body_break]
+    if not block or not all(_HEADER_LINE.fullmatch(line.rstrip(b"\r")) for line in block.split(b"\n")):
+        return None
+    return BytesHeaderParser(policy=compat32).parsebytes(block)
+
+
+def _elidable(headers: Message | None) -> bool:
+    return (
+        headers is not None
+        and headers.get_content_maintype() not in ("text", "multipart", "message")
+        and str(headers.get("content-transfer-encoding", "")).strip().lower() == "base64"
+    )
+
+
+def _base64_size(raw: bytes, start: int, end: int) -> int | None:
+    """Decoded size of the base64 lines raw[start:end]; None unless well-formed
+    (whole quanta, padding only at the end), where decoders could differ."""
+    chars = end - start - raw.count(b"\n", start, end) - raw.count(b"\r", start, end)
+    tail = raw[max(start, end - 8):end].rstrip(b"\r\n")
+    padding = len(tail) - len(tail.rstrip(b"="))
+    if chars % 4 or padding > 2 or raw.count(b"=", start, end) != padding:
+        return None
+    return chars // 4 * 3 - padding
+
+
 def parse_mail(raw: bytes) -> ParsedMail:
-    if not raw or not raw.strip():
+    if not raw or raw.isspace():  # not raw.strip(): that copies a 25 MB mail
         raise ParseError("empty message")
+    source, elided = slim_copy(raw) if len(raw) > SLIM_ABOVE else (raw, {})
     try:
-        message = _message(raw)
+        message = _message(source)
     except (MailParserError, RecursionError) as error:
         raise ParseError(f"unreadable MIME structure: {error}") from error
     if message is None or not message.keys():
         raise ParseError("no headers")
 
-    parts = _Parts()
+    parts = _Parts(elided=elided)
     try:
         _walk(message, parts, in_attachment=False, in_mail=False)
         delivery_status = _delivery_status(message)
@@ -283,6 +384,7 @@ class _Parts:
     attached_html: list[str] = field(default_factory=list)
     attachments: list[Attachment] = field(default_factory=list)
     original_headers: dict[str, str] = field(default_factory=dict)
+    elided: dict[bytes, int] = field(default_factory=dict)  # from slim_copy
 
 
 def _walk(part: Message, parts: _Parts, *, in_attachment: bool, in_mail: bool) -> None:
@@ -306,7 +408,7 @@ def _walk(part: Message, parts: _Parts, *, in_attachment: bool, in_mail: bool) -
     if content_type == "message/delivery-status" or content_type == "text/rfc822-headers":
         return
     payload = part.get_payload(decode=True)
-    size = len(payload) if isinstance(payload, bytes) else 0
+    size = parts.elided.get(payload, len(payload)) if isinstance(payload, bytes) else 0
     del payload  # a 25 MB attachment must not outlive this loop
     parts.attachments.append(Attachment(filename or "", content_type, size))
 

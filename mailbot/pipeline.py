@@ -47,11 +47,12 @@ _SUMMARY_COLUMNS = (
 
 @dataclass(frozen=True)
 class Pending:
-    """A stored mail taken for processing."""
+    """A stored mail taken for processing.  Its bytes are read only to be parsed
+    (see run_stages), never held while the row is updated: SQLite rewrites the
+    whole row, raw bytes included, so a 25 MB mail would be in memory three times."""
 
     id: int
     message_id: str | None
-    raw: bytes
 
 
 @dataclass(frozen=True)
@@ -87,7 +88,7 @@ class Quarantined:
 
 def run_stages(session: Session, rules: Rules, mail: Pending, now: datetime, templates_dir: Path) -> Outcome:
     """parse -> understand -> route/disclose -> act (inquiry, follow-up, clerk reply, bounce), in one transaction."""
-    parsed = parse.parse_mail(mail.raw)
+    parsed = parse.parse_mail(store.read_raw(session.connection(), mail.id))
     understanding = understand(parsed, rules)
     if understanding.kind == "clerk_reply":
         result = clerk.handle_clerk_reply(session, mail.id, understanding, rules, now, templates_dir=templates_dir)
@@ -200,11 +201,11 @@ def _claim(connection: Connection, after: int) -> Pending | None:
             # Read again under the lock: another worker may have finished it
             # between our SELECT and the lock (READ COMMITTED sees its commit).
             row = connection.execute(
-                select(_table.c.id, _table.c.message_id, _table.c.raw)
+                select(_table.c.id, _table.c.message_id)
                 .where(_table.c.id == candidate, _table.c.state == RECEIVED)
             ).one_or_none()
             if row is not None:
-                return Pending(id=row.id, message_id=row.message_id, raw=bytes(row.raw))
+                return Pending(id=row.id, message_id=row.message_id)
         after = ids[-1]
 
 

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from email.parser import BytesHeaderParser
 from email.policy import compat32
 
 from sqlalchemy import func, select, update
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 from sqlmodel import Session
 
 from mailbot import db
@@ -25,6 +26,8 @@ log = logging.getLogger(__name__)
 
 # An intake failing this long without a success makes `mailbot status` exit non-zero.
 INTAKE_GRACE = timedelta(minutes=10)
+_HEAD_BYTES = 256 * 1024  # where the Message-ID is looked for
+_CHANGED = "the mail's bytes differed between two reads; not stored"
 
 
 @dataclass(frozen=True)
@@ -35,12 +38,13 @@ class Stored:
 
 def header_message_id(raw: bytes) -> str | None:
     """The Message-ID header, read from the header block alone; None when absent or unreadable."""
+    raw = raw[:_HEAD_BYTES]
     end = raw.find(b"\r\n\r\n")
     if end < 0:
         end = raw.find(b"\n\n")
     head = raw if end < 0 else raw[:end]
     try:
-        value = BytesHeaderParser(policy=compat32).parsebytes(head[:256 * 1024]).get("Message-ID")
+        value = BytesHeaderParser(policy=compat32).parsebytes(head).get("Message-ID")
     except Exception:  # noqa: BLE001 - any header garbage just means "no Message-ID"
         return None
     if value is None:
@@ -64,15 +68,38 @@ def store_raw(
     With ``mailbox``/``uidvalidity``/``uid`` the IMAP UID is recorded in the
     same transaction, so after a crash the UID is known exactly when the mail is.
     """
-    digest = hashlib.sha256(raw).hexdigest()
+    return store_pieces(engine, lambda: (raw,), origin=origin, peer=peer, mailbox=mailbox,
+                        uidvalidity=uidvalidity, uid=uid)
+
+
+def store_pieces(
+    engine: Engine,
+    read: Callable[[], Iterable[bytes]],
+    *,
+    origin: str,
+    peer: str | None = None,
+    mailbox: str | None = None,
+    uidvalidity: int | None = None,
+    uid: int | None = None,
+) -> Stored:
+    """store_raw for a mail given as pieces: ``read()`` yields its bytes in order, and
+    is called twice (hashed first, then written), so the whole mail need never be
+    in memory at once.  Reading different bytes the second time raises ValueError
+    and stores nothing.
+    """
+    digest, size, head = _digest(read())
     with engine.begin() as connection:
+        sqlite = connection.dialect.name == "sqlite"
         inserted = connection.execute(
             db.insert_ignoring_duplicates(engine, Message.__table__)
             .values(
                 sha256=digest,
-                message_id=header_message_id(raw),
-                raw=raw,
-                size=len(raw),
+                message_id=header_message_id(head),
+                # SQLite copies a bound blob twice (the binding, which its statement
+                # cache then keeps, and the record): the bytes are written into the
+                # row afterwards instead, piece by piece.
+                raw=func.zeroblob(size) if sqlite else _joined(read(), digest, size),
+                size=size,
                 origin=origin,
                 peer=peer,
                 imap_uidvalidity=uidvalidity,
@@ -89,6 +116,8 @@ def store_raw(
             message_id = connection.execute(
                 select(Message.__table__.c.id).where(Message.__table__.c.sha256 == digest)
             ).scalar_one()
+        elif sqlite:
+            _write_sqlite_blob(connection, message_id, read(), digest, size)
         if mailbox is not None and uidvalidity is not None and uid is not None:
             connection.execute(
                 db.insert_ignoring_duplicates(engine, ImapSeen.__table__).values(
@@ -96,10 +125,56 @@ def store_raw(
                 )
             )
     if created:
-        log.info("mail=%s origin=%s size=%s stored", message_id, origin, len(raw))
+        log.info("mail=%s origin=%s size=%s stored", message_id, origin, size)
     else:
         log.info("mail=%s origin=%s duplicate delivery, already stored", message_id, origin)
     return Stored(id=message_id, created=created)
+
+
+def _digest(pieces: Iterable[bytes]) -> tuple[str, int, bytes]:
+    """(sha256 hex, size, first _HEAD_BYTES) of the concatenated pieces."""
+    digest = hashlib.sha256()
+    size = 0
+    head = b""
+    for piece in pieces:
+        digest.update(piece)
+        size += len(piece)
+        if len(head) < _HEAD_BYTES:
+            head += piece[: _HEAD_BYTES - len(head)]
+    return digest.hexdigest(), size, head
+
+
+def _write_sqlite_blob(connection: Connection, row: int, pieces: Iterable[bytes], digest: str, size: int) -> None:
+    check = hashlib.sha256()
+    written = 0
+    sqlite = connection.connection.driver_connection
+    with sqlite.blobopen(Message.__table__.name, "raw", row) as blob:
+        for piece in pieces:
+            written += len(piece)
+            if written > size:
+                break
+            blob.write(piece)
+            check.update(piece)
+    if written != size or check.hexdigest() != digest:
+        raise ValueError(_CHANGED)
+
+
+def _joined(pieces: Iterable[bytes], digest: str, size: int) -> bytes:
+    raw = b"".join(pieces)  # one piece (store_raw) is returned as it is, not copied
+    if len(raw) != size or hashlib.sha256(raw).hexdigest() != digest:
+        raise ValueError(_CHANGED)
+    return raw
+
+
+def read_raw(connection: Connection, message: int) -> bytes:
+    """The archived bytes of ``message``.  From SQLite straight into one bytes
+    object: a SELECT would hold SQLite's copy and Python's at once."""
+    if connection.dialect.name == "sqlite":
+        with connection.connection.driver_connection.blobopen(
+            Message.__table__.name, "raw", message, readonly=True
+        ) as blob:
+            return blob.read()
+    return connection.execute(select(Message.__table__.c.raw).where(Message.__table__.c.id == message)).scalar_one()
 
 
 def mark_processed(session: Session, message: int, **fields: object) -> None:

@@ -195,9 +195,14 @@ def test_large_mails_fetched_in_pieces(sqlite_url: str, dovecot: Dovecot, monkey
         assert imap.intake_pass(client, engine, settings_for(dovecot, engine)) == 5
     finally:
         client.logout()
-    # UIDs 1..5 in append order: the big ones in pieces (plus one empty piece on the boundary).
-    assert [client.fetched_bodies.count(uid) for uid in range(1, 6)] == [1, 3, 1, 4, 1]
+    # UIDs 1..5 in append order: the big ones in pieces (plus one empty piece on the boundary),
+    # read twice (hashed, then written into the archive) so no whole copy is ever held.
+    assert [client.fetched_bodies.count(uid) for uid in range(1, 6)] == [1, 6, 1, 8, 1]
     assert sorted(archived_digests(engine)) == digests(mails)
+    with engine.connect() as connection:
+        rows = connection.execute(select(Message.__table__.c.raw, Message.__table__.c.message_id)).all()
+    assert sorted(bytes(row.raw) for row in rows) == sorted(mails)
+    assert {"<big-exact@example.com>", "<big-odd@example.com>"} <= {row.message_id for row in rows}
     assert dovecot.count("INBOX") == 0
 
 

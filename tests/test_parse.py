@@ -6,13 +6,16 @@ import base64
 import quopri
 import resource
 from datetime import datetime, timedelta, timezone
+from email import policy
 from email.header import Header
+from email.message import EmailMessage
 from pathlib import Path
 from textwrap import dedent
 
 import mailparser
 import pytest
 
+from mailbot import parse
 from mailbot.parse import ParseError, decode_bytes, parse_mail
 
 CORPUS = Path(__file__).resolve().parent.parent.parent / "shared" / "corpus"
@@ -256,6 +259,66 @@ def test_25_mb_attachment_keeps_memory_sane() -> None:
     # The raw mail is ~34 MB; the parse may hold a few copies at once, never dozens.
     assert grown_mb < 250, f"parsing grew peak memory by {grown_mb:.0f} MB"
     assert all(not hasattr(a, "payload") for a in parsed.attachments)
+
+
+def documents_mail(attachment: bytes, *, crlf: bool = False) -> bytes:
+    """An Arabic mail with a PDF of the given bytes, a small photo and a forwarded mail with its own PDF."""
+    forwarded = EmailMessage(policy=policy.SMTP)
+    forwarded["From"] = "office@other.example"
+    forwarded["Subject"] = "نسخة الطلب"
+    forwarded.set_content("نص الرسالة المحولة")
+    forwarded.add_attachment(attachment[: len(attachment) // 3], maintype="application", subtype="pdf",
+                             filename="طلب.pdf")
+    message = EmailMessage(policy=policy.SMTP if crlf else policy.default)
+    message["From"] = "مواطن <citizen@example.com>"
+    message["To"] = "inquiries@emirate.example"
+    message["Subject"] = "مستندات المعاملة 1446/00321"
+    message["Message-ID"] = "<docs@example.com>"
+    message.set_content(ARABIC)
+    message.add_attachment(attachment, maintype="application", subtype="pdf", filename="كل المستندات.pdf")
+    message.add_attachment(b"\xff\xd8\xff" + bytes(50), maintype="image", subtype="jpeg", filename="photo.jpg")
+    message.add_attachment(forwarded)
+    return message.as_bytes()
+
+
+def test_25_mb_attachment_mail_parses_like_a_small_one() -> None:
+    big_pdf = bytes(range(256)) * (25 * 1024 * 1024 // 256) + b"%%EOF"
+    big, small = parse_mail(documents_mail(big_pdf)), parse_mail(documents_mail(b"%PDF-1.4 small %%EOF"))
+    assert [(a.filename, a.content_type) for a in big.attachments] == [
+        (a.filename, a.content_type) for a in small.attachments
+    ] == [("كل المستندات.pdf", "application/pdf"), ("photo.jpg", "image/jpeg"), ("طلب.pdf", "application/pdf")]
+    assert [a.size for a in big.attachments] == [len(big_pdf), 53, len(big_pdf) // 3]
+    assert big.text == small.text and big.text.strip() == ARABIC
+    assert big.attached_text == small.attached_text == "نص الرسالة المحولة"
+    assert (big.subject, big.sender, big.message_id, big.content_type) == (
+        small.subject, small.sender, small.message_id, small.content_type
+    ) == ("مستندات المعاملة 1446/00321", "citizen@example.com", "<docs@example.com>", "multipart/mixed")
+
+
+@pytest.mark.parametrize("crlf", [False, True])
+def test_slim_parse_of_a_large_mail_equals_the_whole_parse(crlf: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    raw = documents_mail(bytes(range(256)) * 8000, crlf=crlf)
+    assert len(raw) > parse.SLIM_ABOVE
+    slim, elided = parse.slim_copy(raw)
+    assert sorted(elided.values()) == [256 * 8000 // 3, 256 * 8000] and len(slim) < 10_000
+    parsed = parse_mail(raw)
+    monkeypatch.setattr(parse, "SLIM_ABOVE", len(raw))
+    assert parsed == parse_mail(raw)
+
+
+def test_slim_copy_keeps_what_it_cannot_count_exactly() -> None:
+    text = base64.encodebytes(("سطر عربي طويل " * 20_000).encode())  # a text part: its words are the body
+    odd = base64.encodebytes(bytes(300_000))[:-3] + b"\n"  # a broken last quantum: let the parser decide
+    padded = base64.encodebytes(b"ab") * 40_000  # padding inside: decoders disagree
+    dashes = base64.encodebytes(bytes(300_000)) + b"--not the boundary\n"  # body text to the parser
+    for content_type, body in (("text/plain; charset=utf-8", text), ("application/pdf", odd),
+                               ("application/pdf", dashes), ("application/pdf", padded)):
+        raw = (
+            b"From: a@b.example\nContent-Type: multipart/mixed; boundary=m\n\n--m\nContent-Type: "
+            + content_type.encode() + b"\nContent-Transfer-Encoding: base64\n\n" + body + b"--m--\n"
+        )
+        assert parse.slim_copy(raw) == (raw, {})
+    assert parse_mail(raw).attachments[0].size == len(base64.decodebytes(padded))
 
 
 def test_dsn_parts_for_the_bounce_parser() -> None:

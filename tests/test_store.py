@@ -1,5 +1,7 @@
+import hashlib
 import threading
 
+import pytest
 from sqlalchemy import select
 from sqlmodel import Session
 
@@ -58,3 +60,33 @@ def test_quarantine_and_release(engine):
 def test_message_id_of_headerless_bytes_is_none():
     assert store.header_message_id(b"\x00\x01\x02") is None
     assert store.header_message_id(b"Message-ID: <a@b>\n\nbody") == "<a@b>"
+
+
+def test_mail_stored_from_pieces_is_byte_exact(engine):
+    big = MAIL + bytes(range(256)) * 4096 + "مرفق\r\n".encode()
+    pieces = [big[start : start + 100_000] for start in range(0, len(big), 100_000)]
+    reads = []
+
+    def read():
+        reads.append(1)
+        return iter(pieces)
+
+    stored = store.store_pieces(engine, read, origin="imap", mailbox="INBOX", uidvalidity=1, uid=9)
+    assert stored.created and len(reads) == 2
+    with engine.connect() as connection:
+        assert store.read_raw(connection, stored.id) == big
+        row = connection.execute(select(Message.__table__).where(Message.__table__.c.id == stored.id)).one()
+    assert (row.size, row.message_id, row.sha256) == (len(big), "<m1@example.com>", store_digest(big))
+    again = store.store_pieces(engine, read, origin="imap")
+    assert (again.id, again.created) == (stored.id, False)
+
+
+def test_pieces_that_change_between_reads_store_nothing(engine):
+    reads = iter([[MAIL], [MAIL.replace(b"hello", b"HELLO")]])
+    with pytest.raises(ValueError, match="the mail's bytes differed between two reads; not stored"):
+        store.store_pieces(engine, lambda: next(reads), origin="imap", mailbox="INBOX", uidvalidity=1, uid=3)
+    assert store.count_by_state(engine) == {"received": 0, "processed": 0, "quarantined": 0}
+
+
+def store_digest(raw: bytes) -> str:
+    return hashlib.sha256(raw).hexdigest()

@@ -135,16 +135,25 @@ def _batches_by_size(client: IMAPClient, uids: list[int], limit: int) -> Iterato
     yield batch
 
 
+class _Vanished(Exception):
+    """The UID was expunged while it was being fetched."""
+
+
 def _fetch_and_store(
     client: IMAPClient, engine: Engine, batch: dict[int, int], folder: str, uidvalidity: int
 ) -> tuple[list[int], int]:
     """Archive each UID of ``batch``; returns the UIDs now archived and how many were new bytes."""
     if len(batch) == 1 and max(batch.values()) > MAX_FETCH_BYTES:
         (uid,) = batch
-        bodies = {uid: _fetch_in_pieces(client, uid)}
-    else:
-        # BODY.PEEK leaves \Seen alone: the inbox copy looks untouched until it is moved.
-        bodies = {uid: item.get(b"BODY[]") for uid, item in client.fetch(list(batch), ["BODY.PEEK[]"]).items()}
+        try:
+            result = store.store_pieces(engine, lambda: _fetch_in_pieces(client, uid), origin="imap",
+                                        mailbox=folder, uidvalidity=uidvalidity, uid=uid)
+        except _Vanished:
+            log.warning("folder=%s uid=%s vanished before it was fetched", folder, uid)
+            return [], 0
+        return [uid], int(result.created)
+    # BODY.PEEK leaves \Seen alone: the inbox copy looks untouched until it is moved.
+    bodies = {uid: item.get(b"BODY[]") for uid, item in client.fetch(list(batch), ["BODY.PEEK[]"]).items()}
     archived: list[int] = []
     created = 0
     for uid in batch:
@@ -158,23 +167,24 @@ def _fetch_and_store(
     return archived, created
 
 
-def _fetch_in_pieces(client: IMAPClient, uid: int) -> bytes | None:
+def _fetch_in_pieces(client: IMAPClient, uid: int) -> Iterator[bytes]:
     """One large mail in MAX_FETCH_BYTES partial fetches (RFC 3501 BODY[]<origin.octets>).
 
     imaplib and imapclient hold several copies of one literal while parsing it;
-    in pieces, the peak stays near twice the mail instead of four times.
+    in pieces, and with store.store_pieces writing each piece into the archive
+    as it comes, the whole mail is never in memory at once.
     """
-    pieces: list[bytes] = []
     offset = 0
     while True:
         item = client.fetch([uid], [f"BODY.PEEK[]<{offset}.{MAX_FETCH_BYTES}>"]).get(uid)
         if item is None:
-            return None  # expunged meanwhile: never store a truncated mail
+            raise _Vanished(uid)  # expunged meanwhile: never store a truncated mail
         piece = item.get(f"BODY[]<{offset}>".encode()) or b""
-        pieces.append(piece)
+        del item
         offset += len(piece)
+        yield piece
         if len(piece) < MAX_FETCH_BYTES:
-            return b"".join(pieces)
+            return
 
 
 def _move(client: IMAPClient, uids: list[int], target: str) -> None:
