@@ -29,9 +29,9 @@ import re
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
-from sqlalchemy import select
+from sqlalchemy import insert, select
 from sqlmodel import Session
 
 from mailbot import db, notify, outbox, queue, reply
@@ -50,6 +50,8 @@ _ROBOT_LOCALPART = re.compile(
 )
 _TAG = re.compile(r"(\d{1,9})")
 _inquiries = Inquiry.__table__
+_transactions = Transaction.__table__
+_events = InquiryEvent.__table__
 
 
 @dataclass(frozen=True)
@@ -119,14 +121,16 @@ def find_inquiry(session: Session, tags: Iterable[object], message_ids: Iterable
     return None
 
 
-def _transaction_entries(session: Session, numbers: Sequence[str]) -> list[dict[str, object]]:
-    rows = {
-        row.number: row
-        for row in session.execute(select(Transaction).where(Transaction.number.in_(list(numbers)))).scalars()
-    }
-    return [
-        {"number": n, "status": rows[n].status, "updated_at": rows[n].updated_at} for n in numbers if n in rows
-    ]
+def _transaction_rows(session: Session, numbers: Iterable[str]) -> dict[str, Any]:
+    """The transactions on file among ``numbers``, by number (one query for the forward and the ack)."""
+    wanted = list(dict.fromkeys(numbers))
+    if not wanted:
+        return {}
+    rows = session.execute(
+        select(_transactions.c.number, _transactions.c.status, _transactions.c.updated_at)
+        .where(_transactions.c.number.in_(wanted))
+    )
+    return {row.number: row for row in rows}
 
 
 def _add_event(session: Session, inquiry: int, kind: str, message: int, author: str | None, text: str,
@@ -163,6 +167,9 @@ def open_inquiry(
     parsed = understanding.mail
     department = rules.department(decision.department)
     numbers = _numbers(understanding)
+    sender = (parsed.sender or "").lower()
+    sender_name = reply.clean_header(parsed.sender_name or "")[:998] or None
+    due_at = now + timedelta(hours=department.sla_hours)
     inserted = session.execute(
         db.insert_ignoring_duplicates(session.get_bind(), _inquiries)
         .values(
@@ -171,14 +178,14 @@ def open_inquiry(
             rule=decision.rule,
             language=understanding.language,
             state="open",
-            sender=(parsed.sender or "").lower(),
-            sender_name=reply.clean_header(parsed.sender_name or "")[:998] or None,
+            sender=sender,
+            sender_name=sender_name,
             subject=parsed.subject,
             transactions=" ".join(numbers),
             priority=decision.priority,
             tag=decision.tag,
             created_at=now,
-            due_at=now + timedelta(hours=department.sla_hours),
+            due_at=due_at,
             escalation_level=0,
         )
         .returning(_inquiries.c.id)
@@ -190,9 +197,22 @@ def open_inquiry(
         log.info("mail=%s inquiry=%s already opened, nothing new", message_row_id, inquiry_id)
         return Handled("opened", inquiry_id, reason="already processed")
     inquiry_id = inserted
-    _add_event(session, inquiry_id, "citizen", message_row_id, parsed.sender, understanding.new_text, now)
-    session.flush()  # the forward quotes the citizen's text from that event
-    queue.forward_to_queue(session, inquiry_id, rules, now, templates_dir=templates_dir)
+    # A new inquiry has no events yet: no need to look for this one first (nor to build an ORM object).
+    session.execute(insert(_events).values(inquiry=inquiry_id, kind="citizen", message=message_row_id,
+                                           author=parsed.sender, text=understanding.new_text, at=now))
+    # The forward is made from what was just written (same values as forward_to_queue reads back).
+    forwarded = notify.inquiry_numbers(" ".join(numbers))
+    on_file = _transaction_rows(session, [*forwarded, *disclosed])
+    queue.forward_opened(
+        session, inquiry_id, rules, now, department=department.id, subject=parsed.subject, sender=sender,
+        sender_name=sender_name, text=understanding.new_text or "", received_at=now, due_at=due_at,
+        transactions=[
+            {"number": n, "status": on_file[n].status, "updated_at": on_file[n].updated_at} if n in on_file
+            else {"number": n, "status": None, "updated_at": None}
+            for n in forwarded
+        ],
+        templates_dir=templates_dir,
+    )
     template = ack_template(understanding, disclosed)
     blocked = _ack_blocked(session, parsed.sender, decision, rules, now)
     if blocked:
@@ -203,9 +223,13 @@ def open_inquiry(
         "name": parsed.sender_name or None,
         "subject": parsed.subject or None,
         "department": department.id,
-        "due_at": now + timedelta(hours=department.sla_hours),
+        "due_at": due_at,
         "transactions": (
-            _transaction_entries(session, disclosed) if template == "ack_status"
+            [
+                {"number": n, "status": on_file[n].status, "updated_at": on_file[n].updated_at}
+                for n in disclosed if n in on_file
+            ]
+            if template == "ack_status"
             else [{"number": n} for n in _asked_numbers(understanding)]
         ),
     }

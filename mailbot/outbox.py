@@ -33,6 +33,7 @@ import logging
 import mailbox
 import os
 import random
+import re
 import smtplib
 import socket
 import ssl
@@ -41,6 +42,7 @@ from datetime import datetime, timedelta
 from email.parser import BytesHeaderParser
 from email.policy import default
 from email.utils import parseaddr
+from functools import lru_cache
 from typing import Iterable
 
 from sqlalchemy import func, select, update
@@ -64,6 +66,9 @@ BACKOFF_FIRST = 30.0
 BACKOFF_MAX = 3600.0
 SMTP_TIMEOUT = 30.0
 _table = Outbox.__table__
+_undeliverable = Undeliverable.__table__
+# The first From field of a head, continuation lines included.
+_FROM = re.compile(rb"^From:[^\r\n]*(?:\r\n[ \t][^\r\n]*)*", re.MULTILINE | re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -123,17 +128,22 @@ def enqueue(
 
 def auto_reply_blocked(session: Session, address: str, rules: Rules, now: datetime) -> str | None:
     address = address.strip().lower()
-    if session.get(Undeliverable, address) is not None:
-        return "undeliverable"
-    sent_today = session.execute(
-        select(func.count())
-        .select_from(_table)
-        .where(
-            _table.c.recipient == address,
-            _table.c.template.in_(AUTOMATIC),
-            _table.c.created_at > now - timedelta(days=1),
+    # One round-trip for both checks: this runs for every mail that may be answered.
+    undeliverable, sent_today = session.execute(
+        select(
+            select(_undeliverable.c.email).where(_undeliverable.c.email == address).exists(),
+            select(func.count())
+            .select_from(_table)
+            .where(
+                _table.c.recipient == address,
+                _table.c.template.in_(AUTOMATIC),
+                _table.c.created_at > now - timedelta(days=1),
+            )
+            .scalar_subquery(),
         )
-    ).scalar_one()
+    ).one()
+    if undeliverable:
+        return "undeliverable"
     if sent_today >= rules.policy.max_auto_replies_per_day:
         return f"daily limit of {rules.policy.max_auto_replies_per_day} automatic replies reached"
     return None
@@ -334,7 +344,13 @@ def _envelope_sender(raw: bytes) -> str:
     # The From address, not "<>": bounces must come back to the office inbox,
     # where they mark the failed address undeliverable.
     head = raw.split(b"\r\n\r\n", 1)[0]
-    return parseaddr(str(BytesHeaderParser(policy=default).parsebytes(head).get("From", "")))[1]
+    found = _FROM.search(head)
+    return _from_address(found.group(0) if found else b"")
+
+
+@lru_cache(maxsize=64)  # every mail has one of the office's few From lines: parse each once
+def _from_address(header: bytes) -> str:
+    return parseaddr(str(BytesHeaderParser(policy=default).parsebytes(header).get("From", "")))[1]
 
 
 def _entry(row: Outbox) -> OutboxEntry:

@@ -200,19 +200,34 @@ def forward_to_queue(
     threaded on the forward's Message-ID.  Once per inquiry and department.
     """
     row = _inquiry(session, inquiry)
-    department = rules.department(row.department)
+    return forward_opened(
+        session, inquiry, rules, now, department=row.department, subject=row.subject, sender=row.sender,
+        sender_name=row.sender_name, text=citizen_text(session, inquiry), received_at=row.created_at,
+        due_at=row.due_at, transactions=transaction_entries(session, inquiry_numbers(row.transactions)),
+        templates_dir=templates_dir,
+    )
+
+
+def forward_opened(
+    session: Session, inquiry: int, rules: Rules, now: datetime, *, department: str, subject: str | None,
+    sender: str, sender_name: str | None, text: str, received_at: datetime, due_at: datetime,
+    transactions: list[dict[str, object]], templates_dir: Path = SHIPPED_TEMPLATES,
+) -> bool:
+    """:func:`forward_to_queue` for an inquiry opened in this transaction: the caller passes the
+    values it has just written (``transactions`` as notify.transaction_entries gives them), so
+    nothing is read back from the database."""
+    queue_of = rules.department(department)
     context = {
-        "now": now, "department": department.id, "subject": row.subject,
-        "sender": row.sender, "sender_name": row.sender_name, "text": citizen_text(session, inquiry),
-        "received_at": row.created_at, "due_at": row.due_at,
-        "transactions": transaction_entries(session, inquiry_numbers(row.transactions)),
+        "now": now, "department": queue_of.id, "subject": subject, "sender": sender,
+        "sender_name": sender_name, "text": text, "received_at": received_at, "due_at": due_at,
+        "transactions": transactions,
     }
     mail = reply.compose(
         "queue_forward", STAFF_LANGUAGE, context, rules, templates_dir,
-        inquiry=inquiry, recipient=department.queue, reply_to=rules.office.address,
+        inquiry=inquiry, recipient=queue_of.queue, reply_to=rules.office.address,
         auto_submitted=reply.AUTO_GENERATED,
     )
-    return outbox.enqueue(session, mail, key=f"forward:{inquiry}:{department.id}", inquiry=inquiry)
+    return outbox.enqueue(session, mail, key=f"forward:{inquiry}:{queue_of.id}", inquiry=inquiry)
 
 
 def citizen_message_ids(session: Session, inquiry: Inquiry) -> list[str]:
