@@ -4,6 +4,7 @@ The pipeline calls ONE function for every understood mail except a clerk's
 (clerk replies go to ``clerk.handle_clerk_reply``)::
 
     handle_understood(session, message_row_id, understanding, decision, disclosed, rules, now,
+                      existing=followed_inquiry(session, understanding),
                       templates_dir=settings.templates_dir) -> Handled
 
 inside the transaction that marks the mail processed, so the inquiry, its
@@ -310,18 +311,21 @@ def handle_understood(
     rules: Rules,
     now: datetime,
     *,
+    existing: Inquiry | None,
     templates_dir: Path = SHIPPED_TEMPLATES,
 ) -> Handled:
-    """The pipeline's one call for a processed mail (not for clerk_reply): see the module docstring."""
+    """The pipeline's one call for a processed mail (not for clerk_reply): see the module docstring.
+
+    ``existing`` is ``followed_inquiry(session, understanding)``, which the caller
+    has already looked up to route the mail."""
     kind = understanding.kind
     if kind == "bounce":
         return record_bounce(session, message_row_id, understanding, now)
     if kind in NEVER_ANSWERED_KINDS or kind == "clerk_reply":
         return Handled("ignored", reason=f"kind {kind} is never answered automatically")
     if kind == "followup":
-        inquiry = followed_inquiry(session, understanding)
-        if inquiry is not None:
-            return join_followup(session, inquiry, message_row_id, understanding, now)
+        if existing is not None:
+            return join_followup(session, existing, message_row_id, understanding, now)
         log.info("mail=%s follow-up of an unknown inquiry: handled as a new inquiry", message_row_id)
     return open_inquiry(
         session, message_row_id, understanding, decision, disclosed, rules, now, templates_dir=templates_dir

@@ -99,7 +99,8 @@ def run_stages(session: Session, rules: Rules, mail: Pending, now: datetime, tem
         decision = route(understanding, rules, known, existing.department if existing is not None else None)
         shown = disclosed(understanding, rules, known) if existing is None else []
         handled = inquiries.handle_understood(
-            session, mail.id, understanding, decision, shown, rules, now, templates_dir=templates_dir
+            session, mail.id, understanding, decision, shown, rules, now, existing=existing,
+            templates_dir=templates_dir,
         )
         department, rule, action, sent = decision.department, decision.rule, handled.action, handled.reply
     return Outcome(

@@ -53,7 +53,8 @@ def process(engine: Engine, rules, raw: bytes) -> inquiries.Handled:
         if understanding.kind == "clerk_reply":
             return inquiries.Handled("ignored", reason="clerk replies are clerk.py's")
         return inquiries.handle_understood(session, stored.id, understanding, decision,
-                                           disclosed(understanding, rules, known), rules, db.utcnow())
+                                           disclosed(understanding, rules, known), rules, db.utcnow(),
+                                           existing=existing)
 
 
 def make_due(engine: Engine) -> None:

@@ -41,7 +41,8 @@ def handle(engine: Engine, rules, raw: bytes, now: datetime = NOW) -> inquiries.
         existing = inquiries.followed_inquiry(session, understanding)
         decision = route(understanding, rules, known, existing.department if existing else None)
         shown = disclosed(understanding, rules, known)
-        return inquiries.handle_understood(session, stored.id, understanding, decision, shown, rules, now)
+        return inquiries.handle_understood(session, stored.id, understanding, decision, shown, rules, now,
+                                           existing=existing)
 
 
 def outbox_rows(engine: Engine) -> list:
