@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 from contextlib import contextmanager
+from functools import lru_cache
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterator
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import event
-from sqlalchemy.engine import Engine, make_url
+from sqlalchemy import Column, Insert, Table, event
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Connection, Engine, make_url
 from sqlmodel import Session, create_engine
 
 from mailbot.settings import shipped
@@ -101,14 +103,20 @@ def ping(engine: Engine) -> None:
         connection.exec_driver_sql("SELECT 1")
 
 
-def insert_ignoring_duplicates(engine: Engine, table):  # noqa: ANN001, ANN201 - SQLAlchemy Table
-    """``INSERT ... ON CONFLICT DO NOTHING`` in the engine's dialect.
+def insert_ignoring_duplicates(bind: Engine | Connection, table: Table, *returning: Column) -> Insert:
+    """``INSERT ... ON CONFLICT DO NOTHING [RETURNING ...]`` in the bind's dialect.
 
     Both databases support it natively; it lets concurrent deliveries of the
     same mail race without an IntegrityError aborting a PostgreSQL transaction.
+    The statement is built once per dialect and table: executed with its values
+    as parameters, SQLAlchemy reuses its compiled form instead of building and
+    keying a new statement for every mail.
     """
-    if is_sqlite(engine):
-        from sqlalchemy.dialects.sqlite import insert
-    else:
-        from sqlalchemy.dialects.postgresql import insert
-    return insert(table).on_conflict_do_nothing()
+    return _insert_ignoring(bind.dialect.name, table, returning)
+
+
+@lru_cache(maxsize=None)
+def _insert_ignoring(dialect: str, table: Table, returning: tuple[Column, ...]) -> Insert:
+    insert = sqlite.insert if dialect == "sqlite" else postgresql.insert
+    statement = insert(table).on_conflict_do_nothing()
+    return statement.returning(*returning) if returning else statement

@@ -32,7 +32,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from sqlalchemy import insert, select
+from sqlalchemy import bindparam, insert, select
 from sqlmodel import Session
 
 from mailbot import db, notify, outbox, queue, reply
@@ -53,6 +53,10 @@ _TAG = re.compile(r"(\d{1,9})")
 _inquiries = Inquiry.__table__
 _transactions = Transaction.__table__
 _events = InquiryEvent.__table__
+_INSERT_EVENT = insert(_events)
+_TRANSACTION_ROWS = select(_transactions.c.number, _transactions.c.status, _transactions.c.updated_at).where(
+    _transactions.c.number.in_(bindparam("numbers", expanding=True))
+)
 
 
 @dataclass(frozen=True)
@@ -127,10 +131,7 @@ def _transaction_rows(session: Session, numbers: Iterable[str]) -> dict[str, Any
     wanted = list(dict.fromkeys(numbers))
     if not wanted:
         return {}
-    rows = session.execute(
-        select(_transactions.c.number, _transactions.c.status, _transactions.c.updated_at)
-        .where(_transactions.c.number.in_(wanted))
-    )
+    rows = session.execute(_TRANSACTION_ROWS, {"numbers": wanted})
     return {row.number: row for row in rows}
 
 
@@ -172,24 +173,13 @@ def open_inquiry(
     sender_name = reply.clean_header(parsed.sender_name or "")[:998] or None
     due_at = now + timedelta(hours=department.sla_hours)
     inserted = session.execute(
-        db.insert_ignoring_duplicates(session.get_bind(), _inquiries)
-        .values(
-            message=message_row_id,
-            department=department.id,
-            rule=decision.rule,
-            language=understanding.language,
-            state="open",
-            sender=sender,
-            sender_name=sender_name,
-            subject=parsed.subject,
-            transactions=" ".join(numbers),
-            priority=decision.priority,
-            tag=decision.tag,
-            created_at=now,
-            due_at=due_at,
-            escalation_level=0,
-        )
-        .returning(_inquiries.c.id)
+        db.insert_ignoring_duplicates(session.get_bind(), _inquiries, _inquiries.c.id),
+        {
+            "message": message_row_id, "department": department.id, "rule": decision.rule,
+            "language": understanding.language, "state": "open", "sender": sender, "sender_name": sender_name,
+            "subject": parsed.subject, "transactions": " ".join(numbers), "priority": decision.priority,
+            "tag": decision.tag, "created_at": now, "due_at": due_at, "escalation_level": 0,
+        },
     ).scalar_one_or_none()
     if inserted is None:
         inquiry_id = session.execute(
@@ -199,8 +189,8 @@ def open_inquiry(
         return Handled("opened", inquiry_id, reason="already processed")
     inquiry_id = inserted
     # A new inquiry has no events yet: no need to look for this one first (nor to build an ORM object).
-    session.execute(insert(_events).values(inquiry=inquiry_id, kind="citizen", message=message_row_id,
-                                           author=parsed.sender, text=understanding.new_text, at=now))
+    session.execute(_INSERT_EVENT, {"inquiry": inquiry_id, "kind": "citizen", "message": message_row_id,
+                                    "author": parsed.sender, "text": understanding.new_text, "at": now})
     # The forward is made from what was just written (same values as forward_to_queue reads back).
     forwarded = notify.inquiry_numbers(" ".join(numbers))
     on_file = _transaction_rows(session, [*forwarded, *disclosed])

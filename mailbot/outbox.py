@@ -45,7 +45,7 @@ from email.utils import parseaddr
 from functools import lru_cache
 from typing import Iterable
 
-from sqlalchemy import func, select, update
+from sqlalchemy import bindparam, func, select, update
 from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
@@ -102,45 +102,36 @@ def enqueue(
     ``now`` (default: the clock) is its created_at, which the daily limit counts from.
     """
     now = now or db.utcnow()
-    statement = (
-        db.insert_ignoring_duplicates(session.get_bind(), _table)
-        .values(
-            key=key[:255],
-            inquiry=inquiry,
-            template=mail.template,
-            recipient=mail.recipient.lower(),
-            message_id=mail.message_id,
-            raw=to_bytes(mail),
-            state=PENDING,
-            attempts=0,
-            next_attempt_at=now,
-            created_at=now,
-        )
-        .returning(_table.c.id)
-    )
-    created = session.execute(statement).scalar_one_or_none() is not None
+    statement = db.insert_ignoring_duplicates(session.get_bind(), _table, _table.c.id)
+    values = {
+        "key": key[:255], "inquiry": inquiry, "template": mail.template, "recipient": mail.recipient.lower(),
+        "message_id": mail.message_id, "raw": to_bytes(mail), "state": PENDING, "attempts": 0,
+        "next_attempt_at": now, "created_at": now,
+    }
+    created = session.execute(statement, values).scalar_one_or_none() is not None
     if created:
         log.info("outbox key=%s template=%s message_id=%s queued", key, mail.template, mail.message_id)
     else:
         log.info("outbox key=%s already queued, not again", key)
     return created
 
+# One round-trip for both checks, built once: this runs for every mail that may be answered.
+_AUTO_REPLY_CHECK = select(
+    select(_undeliverable.c.email).where(_undeliverable.c.email == bindparam("address")).exists(),
+    select(func.count())
+    .select_from(_table)
+    .where(
+        _table.c.recipient == bindparam("address"),
+        _table.c.template.in_(AUTOMATIC),
+        _table.c.created_at > bindparam("since"),
+    )
+    .scalar_subquery(),
+)
 
 def auto_reply_blocked(session: Session, address: str, rules: Rules, now: datetime) -> str | None:
     address = address.strip().lower()
-    # One round-trip for both checks: this runs for every mail that may be answered.
     undeliverable, sent_today = session.execute(
-        select(
-            select(_undeliverable.c.email).where(_undeliverable.c.email == address).exists(),
-            select(func.count())
-            .select_from(_table)
-            .where(
-                _table.c.recipient == address,
-                _table.c.template.in_(AUTOMATIC),
-                _table.c.created_at > now - timedelta(days=1),
-            )
-            .scalar_subquery(),
-        )
+        _AUTO_REPLY_CHECK, {"address": address, "since": now - timedelta(days=1)}
     ).one()
     if undeliverable:
         return "undeliverable"

@@ -39,7 +39,7 @@ import secrets
 import sys
 from base64 import encodebytes
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import date, datetime, timedelta
 from email import policy
 from email.headerregistry import Address
 from email.utils import format_datetime, parseaddr
@@ -140,6 +140,12 @@ def format_date(value: datetime | None, language: str) -> str:
     """Arabic: Umm al-Qura Hijri date and Gregorian date; English: both too, Gregorian first."""
     if value is None:
         return ""
+    return _date_text(value.date(), language)
+
+
+@lru_cache(maxsize=256)
+def _date_text(value: date, language: str) -> str:
+    # Cached: every outgoing mail shows a few dates, nearly all of them today's.
     try:
         hijri = Gregorian(value.year, value.month, value.day).to_hijri()
     except (OverflowError, ValueError):  # Umm al-Qura tables cover 1343-1500 AH (1924-2077) only

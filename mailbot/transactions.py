@@ -29,6 +29,7 @@ _NUMBER = re.compile(r"^\s*(\d{4})\s*[/\-\\_.–—،]\s*(\d+)\s*$")
 _EMAIL = re.compile(r"^[^@\s,;<>]+@[^@\s,;<>]+\.[^@\s,;<>]+$")
 _TRANSACTION = Transaction.__table__
 _HISTORY = TransactionHistory.__table__
+_KNOWN = select(_TRANSACTION).where(_TRANSACTION.c.number.in_(bindparam("numbers", expanding=True)))
 
 
 class TransactionError(ValueError):
@@ -237,8 +238,7 @@ def known_transactions(engine: Engine, numbers: Iterable[str]) -> dict[str, Know
     known: dict[str, KnownTransaction] = {}
     with engine.connect() as connection:
         for chunk in _chunks(wanted):
-            query = select(_TRANSACTION).where(_TRANSACTION.c.number.in_(chunk))
-            for record in connection.execute(query):
+            for record in connection.execute(_KNOWN, {"numbers": chunk}):
                 known[record.number] = KnownTransaction(record.number, record.department, record.status,
                                                         tuple(record.applicant_emails.lower().split()))
     return known
