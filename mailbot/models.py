@@ -21,14 +21,13 @@ MESSAGE_STATES = (RECEIVED, PROCESSED, QUARANTINED)
 
 
 class Message(SQLModel, table=True):
-    """One archived mail: the raw bytes exactly as they arrived, stored once."""
+    """One archived mail, stored once; its bytes are in MessageRaw."""
 
     __tablename__ = "message"
 
     id: int | None = Field(default=None, primary_key=True)
     sha256: str = Field(max_length=64, unique=True)
     message_id: str | None = Field(default=None, max_length=998, index=True)
-    raw: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
     size: int
     origin: str = Field(max_length=16)  # imap | smtp | lmtp | cli
     # UIDVALIDITY and UID are unsigned 32-bit: too large for a signed INTEGER.
@@ -46,6 +45,20 @@ class Message(SQLModel, table=True):
     sent_date: datetime | None = None
     kind: str | None = Field(default=None, max_length=16)
     language: str | None = Field(default=None, max_length=2)
+
+
+class MessageRaw(SQLModel, table=True):
+    """A mail's bytes exactly as they arrived, written with its Message row.
+
+    A table of their own because SQLite rewrites a whole row on any UPDATE:
+    with the bytes on the message row, marking a 25 MB mail processed held
+    two more copies of it in memory.
+    """
+
+    __tablename__ = "message_raw"
+
+    message: int = Field(foreign_key="message.id", primary_key=True)
+    raw: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
 
 
 class ImapSeen(SQLModel, table=True):

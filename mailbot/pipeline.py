@@ -222,11 +222,12 @@ def find_quarantined(engine: Engine, message: int) -> Quarantined | None:
     """One quarantined mail with its header summary; None when ``message`` is not in quarantine."""
     with engine.connect() as connection:
         row = connection.execute(
-            select(*_SUMMARY_COLUMNS, _table.c.raw).where(_table.c.id == message, _table.c.state == QUARANTINED)
+            select(*_SUMMARY_COLUMNS).where(_table.c.id == message, _table.c.state == QUARANTINED)
         ).one_or_none()
-    if row is None:
-        return None
-    return replace(_quarantined(row), headers=tuple(summarise_headers(bytes(row.raw))))
+        if row is None:
+            return None
+        raw = store.read_raw(connection, message)
+    return replace(_quarantined(row), headers=tuple(summarise_headers(raw)))
 
 
 def _quarantined(row) -> Quarantined:  # noqa: ANN001 - SQLAlchemy Row

@@ -25,7 +25,7 @@ from pathlib import Path
 from sqlalchemy import func, insert, select
 
 from mailbot import db, notify, reply, transactions
-from mailbot.models import Inquiry, Message, Outbox, Subscription
+from mailbot.models import Inquiry, Message, MessageRaw, Outbox, Subscription
 from mailbot.rules import load_rules
 from mailbot.settings import SHIPPED_RULES, Settings
 
@@ -44,9 +44,10 @@ def subscribe_everyone(engine, count: int) -> None:  # noqa: ANN001
     now = db.utcnow()
     with engine.begin() as connection:
         connection.execute(insert(Message.__table__), [
-            {"sha256": f"{i:064x}", "message_id": f"<c{i}@sahab.example>", "raw": b"x", "size": 1,
+            {"sha256": f"{i:064x}", "message_id": f"<c{i}@sahab.example>", "size": 1,
              "origin": "smtp", "received_at": now, "state": "processed", "attempts": 0} for i in range(count)])
         ids = connection.execute(select(Message.__table__.c.id).order_by(Message.__table__.c.id)).scalars().all()
+        connection.execute(insert(MessageRaw.__table__), [{"message": id_, "raw": b"x"} for id_ in ids])
         connection.execute(insert(Inquiry.__table__), [
             {"message": ids[i], "department": "prisons", "rule": "known-transaction",
              "language": "ar" if i % 3 else "en", "state": "open", "sender": f"citizen{i}@sahab.example",

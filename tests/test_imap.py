@@ -26,7 +26,7 @@ from conftest import MAILBOT
 from dovecot import Dovecot
 from mailbot import db, store
 from mailbot.intake import imap
-from mailbot.models import ImapSeen, IntakeState, Message
+from mailbot.models import ImapSeen, IntakeState, Message, MessageRaw
 from mailbot.settings import Settings
 
 NO_IDLE = {"idle": False}
@@ -172,7 +172,9 @@ def test_fetched_bytes_are_the_appended_bytes_and_unread(sqlite_url: str, doveco
     finally:
         client.logout()
     with engine.connect() as connection:
-        row = connection.execute(select(Message.__table__)).mappings().one()
+        row = connection.execute(
+            select(Message.__table__, MessageRaw.__table__.c.raw).join(MessageRaw.__table__)
+        ).mappings().one()
     assert bytes(row["raw"]) == raw
     assert row["message_id"] == "<intake-7@example.com>"
     with dovecot.client("Processed") as check:
@@ -184,6 +186,7 @@ def test_large_mails_fetched_in_pieces(sqlite_url: str, dovecot: Dovecot, monkey
     engine = db.get_engine(sqlite_url)
     piece = 64 * 1024
     monkeypatch.setattr(imap, "MAX_FETCH_BYTES", piece)
+    monkeypatch.setattr(imap, "PIECE_BYTES", piece)
     head = "From: citizen@example.com\r\nSubject: مستندات\r\nMessage-ID: <big-{}@example.com>\r\n\r\n"
     exact = head.format("exact").encode()
     exact += b"x" * (2 * piece - len(exact) - 2) + b"\r\n"  # ends exactly on a piece boundary
@@ -200,7 +203,9 @@ def test_large_mails_fetched_in_pieces(sqlite_url: str, dovecot: Dovecot, monkey
     assert [client.fetched_bodies.count(uid) for uid in range(1, 6)] == [1, 6, 1, 8, 1]
     assert sorted(archived_digests(engine)) == digests(mails)
     with engine.connect() as connection:
-        rows = connection.execute(select(Message.__table__.c.raw, Message.__table__.c.message_id)).all()
+        rows = connection.execute(
+            select(MessageRaw.__table__.c.raw, Message.__table__.c.message_id).join(MessageRaw.__table__)
+        ).all()
     assert sorted(bytes(row.raw) for row in rows) == sorted(mails)
     assert {"<big-exact@example.com>", "<big-odd@example.com>"} <= {row.message_id for row in rows}
     assert dovecot.count("INBOX") == 0

@@ -17,7 +17,7 @@ from sqlalchemy.engine import Engine
 
 from mailbot import db, parse, pipeline, store
 from mailbot.intake.smtp import IngressServer
-from mailbot.models import Message
+from mailbot.models import Message, MessageRaw
 from mailbot.rules import Rules
 
 OFFICE = "inquiries@emirate.example"
@@ -79,7 +79,10 @@ def send(ingress: IngressServer, raw: bytes) -> int:
 
 def row(engine: Engine, message: int):  # noqa: ANN201 - SQLAlchemy Row
     with engine.connect() as connection:
-        return connection.execute(select(Message.__table__).where(Message.__table__.c.id == message)).one()
+        return connection.execute(
+            select(Message.__table__, MessageRaw.__table__.c.raw).join(MessageRaw.__table__)
+            .where(Message.__table__.c.id == message)
+        ).one()
 
 
 def test_malformed_input_is_archived_and_quarantined_with_a_reason(engine: Engine, rules: Rules, smtp: IngressServer):

@@ -15,7 +15,7 @@ from sqlalchemy.engine import Engine
 
 from mailbot import db, store
 from mailbot.intake.smtp import IngressServer, accepted_addresses
-from mailbot.models import Message
+from mailbot.models import Message, MessageRaw
 from mailbot.rules import Rules
 
 OFFICE = "inquiries@emirate.example"
@@ -56,7 +56,10 @@ def lmtp(engine: Engine, rules: Rules) -> Iterator[IngressServer]:
 
 def archived(engine: Engine) -> list[Message]:
     with engine.connect() as connection:
-        return list(connection.execute(select(Message.__table__).order_by(Message.__table__.c.id)).all())
+        return list(connection.execute(
+            select(Message.__table__, MessageRaw.__table__.c.raw).join(MessageRaw.__table__)
+            .order_by(Message.__table__.c.id)
+        ).all())
 
 
 def test_accepted_addresses_are_office_and_aliases_lower_cased(rules: Rules):

@@ -5,8 +5,8 @@ import pytest
 from sqlalchemy import select
 from sqlmodel import Session
 
-from mailbot import store
-from mailbot.models import ImapSeen, Message
+from mailbot import db, store
+from mailbot.models import ImapSeen, Message, MessageRaw
 
 MAIL = b"From: a@example.com\r\nMessage-ID: <m1@example.com>\r\nSubject: x\r\n\r\nhello\r\n"
 
@@ -18,8 +18,9 @@ def test_same_bytes_are_stored_once(engine):
     assert first.id == second.id
     with Session(engine) as session:
         rows = session.exec(select(Message)).scalars().all()
+        raws = session.exec(select(MessageRaw)).scalars().all()
     assert len(rows) == 1
-    assert rows[0].raw == MAIL
+    assert [(raw.message, raw.raw) for raw in raws] == [(first.id, MAIL)]
     assert rows[0].message_id == "<m1@example.com>"
     assert rows[0].state == "received"
 
@@ -57,6 +58,19 @@ def test_quarantine_and_release(engine):
     assert store.count_by_state(engine)["received"] == 1
 
 
+def test_state_changes_leave_the_bytes_alone(engine):
+    """The bytes live in message_raw, so no UPDATE of the message row rewrites (or loses) them."""
+    stored = store.store_raw(engine, MAIL, origin="smtp")
+    store.quarantine(engine, stored.id, "ParseError: no headers")
+    store.release(engine, stored.id)
+    with db.session(engine) as session:
+        store.mark_processed(session, stored.id, subject="x", kind="inquiry")
+    assert "raw" not in Message.__table__.c
+    with engine.connect() as connection:
+        assert store.read_raw(connection, stored.id) == MAIL
+        assert connection.execute(select(Message.__table__.c.state)).scalar_one() == "processed"
+
+
 def test_message_id_of_headerless_bytes_is_none():
     assert store.header_message_id(b"\x00\x01\x02") is None
     assert store.header_message_id(b"Message-ID: <a@b>\n\nbody") == "<a@b>"
@@ -81,11 +95,24 @@ def test_mail_stored_from_pieces_is_byte_exact(engine):
     assert (again.id, again.created) == (stored.id, False)
 
 
+def test_read_raw_across_piece_boundaries(engine):
+    """PostgreSQL reads a mail in pieces; a mail of exactly N pieces, or one byte more, comes back whole."""
+    for extra in (0, 1):
+        raw = MAIL + bytes(range(256)) * (2 * store._READ_PIECE // 256)
+        raw = raw[: 2 * store._READ_PIECE + extra]
+        stored = store.store_raw(engine, raw, origin="cli")
+        with engine.connect() as connection:
+            assert store.read_raw(connection, stored.id) == raw
+
+
 def test_pieces_that_change_between_reads_store_nothing(engine):
     reads = iter([[MAIL], [MAIL.replace(b"hello", b"HELLO")]])
     with pytest.raises(ValueError, match="the mail's bytes differed between two reads; not stored"):
         store.store_pieces(engine, lambda: next(reads), origin="imap", mailbox="INBOX", uidvalidity=1, uid=3)
     assert store.count_by_state(engine) == {"received": 0, "processed": 0, "quarantined": 0}
+    with engine.connect() as connection:
+        assert connection.execute(select(MessageRaw.__table__)).all() == []
+        assert connection.execute(select(ImapSeen.__table__)).all() == []
 
 
 def store_digest(raw: bytes) -> str:

@@ -30,6 +30,10 @@ SOCKET_TIMEOUT = 60.0
 # A FETCH answer is held in memory whole; past this many bytes a batch is
 # split, so fifty 25 MB attachments never arrive in one response.
 MAX_FETCH_BYTES = 8 * 1024 * 1024
+# A mail larger than that comes in partial fetches of this size.  imaplib holds
+# a piece several times while reading it, and glibc keeps freed buffers this
+# large: 1 MB pieces took the peak for a 25 MB mail from 127 to 114 MB, no slower.
+PIECE_BYTES = 1024 * 1024
 IDLE_CHECK_SECONDS = 1.0  # how quickly the IDLE wait notices `stop`
 
 
@@ -168,7 +172,7 @@ def _fetch_and_store(
 
 
 def _fetch_in_pieces(client: IMAPClient, uid: int) -> Iterator[bytes]:
-    """One large mail in MAX_FETCH_BYTES partial fetches (RFC 3501 BODY[]<origin.octets>).
+    """One large mail in PIECE_BYTES partial fetches (RFC 3501 BODY[]<origin.octets>).
 
     imaplib and imapclient hold several copies of one literal while parsing it;
     in pieces, and with store.store_pieces writing each piece into the archive
@@ -176,14 +180,14 @@ def _fetch_in_pieces(client: IMAPClient, uid: int) -> Iterator[bytes]:
     """
     offset = 0
     while True:
-        item = client.fetch([uid], [f"BODY.PEEK[]<{offset}.{MAX_FETCH_BYTES}>"]).get(uid)
+        item = client.fetch([uid], [f"BODY.PEEK[]<{offset}.{PIECE_BYTES}>"]).get(uid)
         if item is None:
             raise _Vanished(uid)  # expunged meanwhile: never store a truncated mail
         piece = item.get(f"BODY[]<{offset}>".encode()) or b""
         del item
         offset += len(piece)
         yield piece
-        if len(piece) < MAX_FETCH_BYTES:
+        if len(piece) < PIECE_BYTES:
             return
 
 
