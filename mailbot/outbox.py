@@ -215,9 +215,15 @@ def _claim(engine: Engine, limit: int, now: datetime) -> list[tuple[int, str, by
     return sorted((row.id, row.recipient, row.raw, row.attempts) for row in claimed)
 
 
+# The columns to set come as parameters with the id: one statement for every outcome.
+_FINISH = update(_table).where(_table.c.id == bindparam("outbox_id"), _table.c.state == SENDING)
+
+
 def _finish(engine: Engine, outbox_id: int, **values: object) -> None:
+    """Record one mail's outcome at once, in its own commit: a crash right after the relay's
+    250 may send that one mail again, never the batch."""
     with engine.begin() as connection:
-        connection.execute(update(_table).where(_table.c.id == outbox_id, _table.c.state == SENDING).values(**values))
+        connection.execute(_FINISH, {"outbox_id": outbox_id, **values})
 
 
 def _connect(settings: Settings) -> smtplib.SMTP:
