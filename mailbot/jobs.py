@@ -6,34 +6,26 @@ import logging
 import signal
 import threading
 from datetime import timezone
-from pathlib import Path
+from multiprocessing.process import BaseProcess
 
 from apscheduler.schedulers.background import BackgroundScheduler
 from sqlalchemy.engine import Engine, make_url
 
-from mailbot import db, notify, outbox, pipeline
+from mailbot import db, notify, outbox, workers
 from mailbot.intake.smtp import IngressServer, accepted_addresses
 from mailbot.rules import Rules, RulesReloader
 from mailbot.settings import Settings
 
 log = logging.getLogger(__name__)
 
-# Mail per process_pending call: the worker checks for a stop between batches,
-# so a shutdown waits for at most one batch, not for a whole backlog.
-WORKER_BATCH = 50
-
-
-def work(engine: Engine, reloader: RulesReloader, stop: threading.Event, templates_dir: Path) -> None:
-    """The worker job: process pending mail in batches until none is left or a stop is asked."""
-    while not stop.is_set() and pipeline.process_pending(
-        engine, reloader.rules, limit=WORKER_BATCH, templates_dir=templates_dir
-    ) == WORKER_BATCH:
-        pass
+# Outgoing mails per send_due call: the job checks for a stop between batches.
+OUTBOX_BATCH = 50
+SUPERVISE_SECONDS = 1.0
 
 
 def send_outbox(engine: Engine, settings: Settings, stop: threading.Event) -> None:
     """The outbox job: send what is due, batch after batch, until none is left or a stop is asked."""
-    while not stop.is_set() and outbox.send_due(engine, settings, limit=WORKER_BATCH) == WORKER_BATCH:
+    while not stop.is_set() and outbox.send_due(engine, settings, limit=OUTBOX_BATCH) == OUTBOX_BATCH:
         pass
 
 
@@ -89,11 +81,17 @@ def _describe(settings: Settings, servers: list[IngressServer], imap: bool) -> s
     listening = f"smtp={bound.get('smtp', 'off')} lmtp={bound.get('lmtp', 'off')}"
     imap_part = f"imap={settings.imap_user}@{settings.imap_host}:{settings.imap_port}/{settings.imap_folder}" if imap else "imap=off"
     database = make_url(db.normalise_url(settings.db_url)).render_as_string(hide_password=True)
-    return f"{listening} {imap_part} worker_seconds={settings.worker_seconds} db={database}"
+    return (f"{listening} {imap_part} workers={settings.workers} worker_seconds={settings.worker_seconds} "
+            f"db={database}")
 
 
 def run_daemon(settings: Settings, stop: threading.Event | None = None) -> None:
-    """Run until SIGTERM/SIGINT (or ``stop`` is set), then stop intake first and let the worker finish."""
+    """Run until SIGTERM/SIGINT (or ``stop`` is set), then stop intake first and let the workers finish.
+
+    Intake, the outbox and the scheduler run here; the pipeline runs in worker
+    processes (workers.py), which this thread starts, restarts when one dies,
+    and stops last.
+    """
     stop = stop or threading.Event()
     db.upgrade(settings.db_url)
     engine = db.get_engine(settings.db_url)
@@ -106,11 +104,12 @@ def run_daemon(settings: Settings, stop: threading.Event | None = None) -> None:
     servers = start_ingress(settings, engine, rules)
     imap_thread: threading.Thread | None = None
     scheduler = BackgroundScheduler(timezone=timezone.utc)
+    processes: list[BaseProcess] = []
     try:
+        processes = workers.start_all(settings)
         if settings.imap_host:
             imap_thread = start_imap(settings, engine, stop)
         jobs = (
-            (work, settings.worker_seconds, (engine, reloader, stop, settings.templates_dir)),
             (send_outbox, settings.outbox_seconds, (engine, settings, stop)),
             (notify_changes, settings.notify_seconds, (engine, reloader, settings)),
             (escalate, settings.notify_seconds, (engine, reloader, settings)),
@@ -121,7 +120,8 @@ def run_daemon(settings: Settings, stop: threading.Event | None = None) -> None:
                               max_instances=1, coalesce=True)
         scheduler.start()
         log.info("mailbot running %s", _describe(settings, servers, imap_thread is not None))
-        stop.wait()
+        while not stop.wait(SUPERVISE_SECONDS):
+            workers.restart_exited(settings, processes)
         log.info("mailbot stopping")
     finally:
         # Intake first, so no new 250 is given while the worker finishes the mail in hand.
@@ -130,6 +130,7 @@ def run_daemon(settings: Settings, stop: threading.Event | None = None) -> None:
             server.stop()
         if imap_thread is not None:
             imap_thread.join()
+        workers.stop_all(processes)
         if scheduler.running:
             scheduler.shutdown(wait=True)
     log.info("mailbot stopped")

@@ -18,7 +18,7 @@ from email.policy import compat32
 from pathlib import Path
 from typing import Iterator
 
-from sqlalchemy import select, text
+from sqlalchemy import bindparam, select, text
 from sqlalchemy.engine import Connection, Engine
 from sqlmodel import Session
 
@@ -38,7 +38,7 @@ _table = Message.__table__
 _LOCK_SPACE = 0x6D61696C  # "mail"
 _CANDIDATES = 20
 SUMMARY_HEADERS = ("From", "To", "Cc", "Subject", "Date", "Message-ID")
-# Everything but the raw bytes, which can be tens of megabytes per mail.
+# What `mailbot quarantine list` shows of a mail.
 _SUMMARY_COLUMNS = (
     _table.c.id, _table.c.received_at, _table.c.message_id, _table.c.origin,
     _table.c.size, _table.c.attempts, _table.c.reason,
@@ -47,9 +47,7 @@ _SUMMARY_COLUMNS = (
 
 @dataclass(frozen=True)
 class Pending:
-    """A stored mail taken for processing.  Its bytes are read only to be parsed
-    (see run_stages), never held while the row is updated: SQLite rewrites the
-    whole row, raw bytes included, so a 25 MB mail would be in memory three times."""
+    """A stored mail taken for processing; its bytes (store.read_raw) are read only to be parsed."""
 
     id: int
     message_id: str | None
@@ -148,12 +146,16 @@ def process_message(engine: Engine, rules: Rules, mail: Pending, templates_dir: 
 
 
 def process_pending(engine: Engine, rules: Rules, limit: int | None = None,
-                    templates_dir: Path = SHIPPED_TEMPLATES) -> int:
+                    templates_dir: Path = SHIPPED_TEMPLATES, share: tuple[int, int] = (0, 1)) -> int:
     """Process ``received`` mail in id order, at most ``limit``; returns how many were taken.
 
-    Each mail is tried at most once per call, so a mail whose quarantine cannot
-    be written (database down) does not spin the worker.
+    ``share`` (k, n): only mail whose id is k modulo n, so n workers on SQLite
+    never take the same mail (see workers.py).  Each mail is tried at most
+    once per call, so a mail whose quarantine cannot be written (database
+    down) does not spin the worker.
     """
+    if db.is_sqlite(engine):
+        return _process_share(engine, rules, limit, templates_dir, share)
     done = 0
     after = 0
     while limit is None or done < limit:
@@ -166,17 +168,46 @@ def process_pending(engine: Engine, rules: Rules, limit: int | None = None,
     return done
 
 
+def _process_share(engine: Engine, rules: Rules, limit: int | None, templates_dir: Path,
+                   share: tuple[int, int]) -> int:
+    """SQLite: workers split the mail by ``share`` and hold no lock, so the pending
+    ids are read a batch at a time (one query, not one per mail)."""
+    done = 0
+    after = 0
+    while limit is None or done < limit:
+        wanted = _CANDIDATES if limit is None else min(_CANDIDATES, limit - done)
+        with engine.connect() as connection:
+            batch = [Pending(id=row.id, message_id=row.message_id) for row in connection.execute(
+                _NEXT_IN_SHARE, {"after": after, "count": share[1], "index": share[0], "wanted": wanted}
+            )]
+        if not batch:
+            break
+        for mail in batch:
+            process_message(engine, rules, mail, templates_dir)
+        done += len(batch)
+        after = batch[-1].id
+    return done
+
+
+_NEXT_IN_SHARE = (
+    select(_table.c.id, _table.c.message_id)
+    .where(_table.c.state == RECEIVED, _table.c.id > bindparam("after"),
+           _table.c.id % bindparam("count") == bindparam("index"))
+    .order_by(_table.c.id)
+    .limit(bindparam("wanted"))
+)
+
+
 @contextmanager
 def _claim_next(engine: Engine, after: int) -> Iterator[Pending | None]:
-    """The next ``received`` mail after id ``after``, held for this worker while the block runs.
+    """PostgreSQL: the next ``received`` mail after id ``after``, held for this worker while the block runs.
 
-    On PostgreSQL several workers may run at once.  A row lock (FOR UPDATE SKIP
-    LOCKED) would make the store's own update of that row, in its own
-    transaction, wait for us forever; so the claim is a transaction-scoped
-    advisory lock on the id, taken with try (skip when another worker holds
-    it) and released by commit, rollback or a dropped connection alike: a
-    crashed worker's mail simply becomes pending again.  SQLite has one writer
-    and the scheduler runs one worker job per process.
+    Several workers may run at once.  A row lock (FOR UPDATE SKIP LOCKED)
+    would make the store's own update of that row, in its own transaction,
+    wait for us forever; so the claim is a transaction-scoped advisory lock on
+    the id, taken with try (skip when another worker holds it) and released by
+    commit, rollback or a dropped connection alike: a crashed worker's mail
+    simply becomes pending again.
     """
     with engine.connect() as connection:
         with connection.begin():
@@ -184,18 +215,18 @@ def _claim_next(engine: Engine, after: int) -> Iterator[Pending | None]:
 
 
 def _claim(connection: Connection, after: int) -> Pending | None:
-    postgres = connection.dialect.name == "postgresql"
+    """PostgreSQL: the first pending mail after ``after`` that no other worker holds, locked for us."""
     while True:
         ids = connection.execute(
             select(_table.c.id)
             .where(_table.c.state == RECEIVED, _table.c.id > after)
             .order_by(_table.c.id)
-            .limit(_CANDIDATES if postgres else 1)
+            .limit(_CANDIDATES)
         ).scalars().all()
         if not ids:
             return None
         for candidate in ids:
-            if postgres and not connection.execute(
+            if not connection.execute(
                 text("SELECT pg_try_advisory_xact_lock(:space, :id)"), {"space": _LOCK_SPACE, "id": candidate}
             ).scalar_one():
                 continue

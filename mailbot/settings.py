@@ -57,6 +57,7 @@ class Settings:
     smtp_user: str | None = None
     smtp_password: str | None = None
     sent_maildir: Path = Path("sent")
+    workers: int = 1
     worker_seconds: float = 1.0
     outbox_seconds: float = 2.0
     notify_seconds: float = 30.0
@@ -202,6 +203,7 @@ def load_settings(environ: Mapping[str, str] | None = None, env_file: Path | Non
         smtp_user=_text(env, "MAILBOT_SMTP_USER"),
         smtp_password=_text(env, "MAILBOT_SMTP_PASSWORD"),
         sent_maildir=Path(env.get("MAILBOT_SENT_MAILDIR") or "sent"),
+        workers=_int(env, "MAILBOT_WORKERS", 1, minimum=1),
         worker_seconds=_float(env, "MAILBOT_WORKER_SECONDS", 1.0),
         outbox_seconds=_float(env, "MAILBOT_OUTBOX_SECONDS", 2.0),
         notify_seconds=_float(env, "MAILBOT_NOTIFY_SECONDS", 30.0),
