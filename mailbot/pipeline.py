@@ -93,7 +93,7 @@ def run_stages(session: Session, rules: Rules, mail: Pending, now: datetime, tem
         department, rule, action, sent = rules.clerk_department(parsed.sender), "clerk", result.action, None
     else:
         existing = inquiries.followed_inquiry(session, understanding)
-        known = transactions.known_transactions(session.get_bind(), understanding.numbers)
+        known = transactions.known_transactions(session.connection(), understanding.numbers)
         decision = route(understanding, rules, known, existing.department if existing is not None else None)
         shown = disclosed(understanding, rules, known) if existing is None else []
         handled = inquiries.handle_understood(

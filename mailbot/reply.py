@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
 from email import policy
 from email.headerregistry import Address
-from email.utils import format_datetime, parseaddr
+from email.utils import formataddr, format_datetime, parseaddr
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -347,6 +347,15 @@ def _address(name: str | None, addr: str) -> Address:
     return Address(display_name=clean_header(name or ""), username=username, domain=domain)
 
 
+def _mailbox_line(name: str, display_name: str | None, addr: str) -> str:
+    """``Name: display name <addr>``: an Arabic name as one RFC 2047 word (formataddr, quick);
+    a line too long for that is folded by the policy (the citizen's name is in every reply)."""
+    line = f"{name}: {formataddr((clean_header(display_name or ''), addr), charset='utf-8')}"
+    if len(line) <= policy.SMTP.max_line_length:
+        return f"{line}\r\n"
+    return fold(name, str(_address(display_name, addr)))
+
+
 @lru_cache(maxsize=1024)  # the office's From and the queues' To repeat in every mail
 def fold(name: str, value: str) -> str:
     """``Name: value`` as it goes on the wire, RFC 2047-encoded and folded by the stdlib."""
@@ -385,11 +394,11 @@ def to_bytes(mail: OutgoingMail) -> bytes:
     re-scans every part, which cost more than rendering the mail.
     """
     lines = [
-        fold("From", str(_address(mail.sender_name, mail.sender))),
-        fold("To", str(_address(mail.recipient_name, clean_address(mail.recipient)))),
+        _mailbox_line("From", mail.sender_name, mail.sender),
+        _mailbox_line("To", mail.recipient_name, clean_address(mail.recipient)),
     ]
     if mail.reply_to:
-        lines.append(fold("Reply-To", str(_address(None, clean_address(mail.reply_to)))))
+        lines.append(_mailbox_line("Reply-To", None, clean_address(mail.reply_to)))
     lines.append(fold("Subject", clean_header(mail.subject)))
     lines.append(f"Date: {format_datetime(mail.date)}\r\n")
     lines.append(fold("Message-ID", clean_header(mail.message_id)))

@@ -232,13 +232,17 @@ def show(engine: Engine, number: str, rules: Rules) -> tuple[Transaction, list[T
     return Transaction(**record._mapping), [TransactionHistory(**entry._mapping) for entry in history]
 
 
-def known_transactions(engine: Engine, numbers: Iterable[str]) -> dict[str, KnownTransaction]:
-    """What the database holds about ``numbers`` (canonical), for route and disclose."""
+def known_transactions(bind: Engine | Connection, numbers: Iterable[str]) -> dict[str, KnownTransaction]:
+    """What the database holds about ``numbers`` (canonical), for route and disclose.
+
+    ``bind``: an engine, or the pipeline's connection (no second connection per mail)."""
+    if isinstance(bind, Engine):
+        with bind.connect() as connection:
+            return known_transactions(connection, numbers)
     wanted = list(dict.fromkeys(numbers))
     known: dict[str, KnownTransaction] = {}
-    with engine.connect() as connection:
-        for chunk in _chunks(wanted):
-            for record in connection.execute(_KNOWN, {"numbers": chunk}):
-                known[record.number] = KnownTransaction(record.number, record.department, record.status,
-                                                        tuple(record.applicant_emails.lower().split()))
+    for chunk in _chunks(wanted):
+        for record in bind.execute(_KNOWN, {"numbers": chunk}):
+            known[record.number] = KnownTransaction(record.number, record.department, record.status,
+                                                    tuple(record.applicant_emails.lower().split()))
     return known

@@ -5,7 +5,10 @@ from __future__ import annotations
 import re
 from datetime import datetime, timedelta, timezone
 from email import message_from_bytes, policy
+from email.header import decode_header, make_header
 from email.parser import BytesParser
+from email.policy import compat32
+from email.utils import parseaddr
 
 import pytest
 from click.testing import CliRunner
@@ -250,3 +253,17 @@ def test_preview_command_renders_sample_data() -> None:
 )
 def test_short_ascii_headers_fold_as_the_policy_does(name: str, value: str) -> None:
     assert reply.fold(name, value) == policy.SMTP.header_factory(name, value).fold(policy=policy.SMTP)
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["محمد العتيبي", "عبدالرحمن بن عبدالعزيز بن عبدالله بن محمد بن سعود آل عبدالكريم العتيبي", 'Ali "the" O\'Neil, Jr.', ""],
+)
+def test_the_citizens_name_reads_back_the_same_in_short_and_long_to_lines(rules, name: str) -> None:
+    raw = reply.to_bytes(compose(rules, recipient_name=name or None))
+    head = raw.split(b"\r\n\r\n", 1)[0]
+    assert all(len(line) <= 78 for line in head.split(b"\r\n"))
+    # Decoded as RFC 2047 says clients do (space between encoded-words ignored); Python 3.11's
+    # policy.default address parser puts a space there, splitting a long name mid-word.
+    value = message_from_bytes(raw, policy=compat32)["To"]
+    assert parseaddr(str(make_header(decode_header(value)))) == (name, "citizen@example.com")
