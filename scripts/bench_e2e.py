@@ -1,6 +1,6 @@
 """End to end: mails APPENDed into a private Dovecot -> a real `mailbot run` -> acks at an aiosmtpd relay.
 
-    .venv/bin/python scripts/bench_e2e.py [--mails 2000] [--latency-mails 200] [--rate 10]
+    .venv/bin/python scripts/bench_e2e.py [--mails 2000] [--latency-mails 200] [--rate 10] [--workers 1]
 
 (a) baseline, as in bench_intake.py: imapclient fetches the mails and the
     stdlib ``email`` parser parses each; no database, no replies.
@@ -95,12 +95,13 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=50)
     parser.add_argument("--worker-seconds", default="0.2")
     parser.add_argument("--outbox-seconds", default="0.2")
+    parser.add_argument("--workers", default="1", help="MAILBOT_WORKERS for the daemon")
     args = parser.parse_args()
 
     rng = random.Random(1446)
     mails = [make_mail(index, rng) for index in range(args.mails)]
     print(f"mails: {len(mails)} ({sum(map(len, mails)) / 1024 / 1024:.1f} MB), batch {args.batch}, "
-          f"worker every {args.worker_seconds} s, outbox every {args.outbox_seconds} s")
+          f"{args.workers} worker process(es) every {args.worker_seconds} s, outbox every {args.outbox_seconds} s")
     server = Dovecot()
     sink = SmtpSink()
     workdir = Path(tempfile.mkdtemp(prefix="mailbot-bench-e2e-"))
@@ -121,6 +122,7 @@ def main() -> None:
             "MAILBOT_IMAP_BATCH": str(args.batch),
             "MAILBOT_WORKER_SECONDS": args.worker_seconds,
             "MAILBOT_OUTBOX_SECONDS": args.outbox_seconds,
+            "MAILBOT_WORKERS": args.workers,
             "MAILBOT_LOG_LEVEL": "WARNING",
         }
         started = time.perf_counter()

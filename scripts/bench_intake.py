@@ -126,7 +126,7 @@ def baseline(server: Dovecot, batch: int) -> float:
 def settings_for(server: Dovecot, url: str, batch: int, worker_processes: int = 1) -> Settings:
     return Settings(db_url=url, imap_host=server.host, imap_port=server.port, imap_user=server.user,
                     imap_password=server.password, imap_tls="none", imap_batch=batch,
-                    workers=worker_processes, worker_seconds=0.05)
+                    workers=worker_processes, worker_seconds=0.05, log_level="WARNING")
 
 
 def intake_and_process(settings: Settings, concurrent: bool) -> tuple[float, float, int]:
