@@ -298,6 +298,7 @@ def thread_references(references: Sequence[str], message_id: str | None) -> tupl
     return ids
 
 
+@lru_cache(maxsize=4096)  # the office's, the queues' and each citizen's address come back again and again
 def clean_address(address: str) -> str:
     """The bare addr-spec of ``address``; ReplyError for anything else, line breaks included."""
     _, addr = parseaddr(address)
