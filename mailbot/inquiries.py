@@ -61,7 +61,7 @@ _TRANSACTION_ROWS = select(_transactions.c.number, _transactions.c.status, _tran
 
 @dataclass(frozen=True)
 class Handled:
-    """What became of one mail: ``action`` is opened | joined | ignored | bounce."""
+    """What became of one mail: ``action`` is opened | joined | reopened | ignored | bounce."""
 
     action: str
     inquiry: int | None = None
@@ -247,13 +247,32 @@ def _ack_blocked(session: Session, sender: str | None, decision: Decision, rules
 
 
 def join_followup(session: Session, inquiry: Inquiry, message_row_id: int, understanding: Understanding,
-                  now: datetime) -> Handled:
-    """A citizen's reply joins its inquiry: an event on the thread, no new inquiry, no new acknowledgement."""
+                  rules: Rules, now: datetime, *, templates_dir: Path = SHIPPED_TEMPLATES) -> Handled:
+    """A citizen's reply joins its inquiry: an event on the thread, no new inquiry, no new acknowledgement.
+
+    From the inquiry's own sender it also goes to the department's queue, and an
+    answered or closed inquiry opens again with a new due time: the citizen
+    wrote again, and the 24-hour promise holds for that mail too.  A stop/start
+    word only changes the status mails; a third party's mail only joins the thread.
+    """
     parsed = understanding.mail
-    added = _add_event(session, inquiry.id, "followup", message_row_id, parsed.sender, understanding.new_text, now)
-    if added and parsed.sender and parsed.sender.lower() == inquiry.sender.lower():
-        notify.apply_subscription_words(session, inquiry.id, parsed.sender, understanding.new_text)
-    return Handled("joined", inquiry.id, reason=None if added else "already joined")
+    text = understanding.new_text or ""
+    if not _add_event(session, inquiry.id, "followup", message_row_id, parsed.sender, text, now):
+        return Handled("joined", inquiry.id, reason="already joined")
+    if not parsed.sender or parsed.sender.lower() != inquiry.sender.lower():
+        return Handled("joined", inquiry.id, reason="not from the inquiry's sender")
+    if notify.apply_subscription_words(session, inquiry.id, parsed.sender, text):
+        return Handled("joined", inquiry.id, reason="stop/start word")
+    action = "joined"
+    if inquiry.state != queue.OPEN:
+        previous = inquiry.state
+        inquiry.state, inquiry.closed_at, inquiry.escalation_level = queue.OPEN, None, 0
+        inquiry.due_at = now + timedelta(hours=rules.department(inquiry.department).sla_hours)
+        session.add(InquiryEvent(inquiry=inquiry.id, kind="system", author=None,
+                                 text=f"reopened ({previous}): the citizen wrote again", at=now))
+        action = "reopened"
+    queue.forward_followup(session, inquiry, message_row_id, text, rules, now, templates_dir=templates_dir)
+    return Handled(action, inquiry.id)
 
 
 def record_bounce(session: Session, message_row_id: int, understanding: Understanding, now: datetime) -> Handled:
@@ -315,7 +334,8 @@ def handle_understood(
         return Handled("ignored", reason=f"kind {kind} is never answered automatically")
     if kind == "followup":
         if existing is not None:
-            return join_followup(session, existing, message_row_id, understanding, now)
+            return join_followup(session, existing, message_row_id, understanding, rules, now,
+                                 templates_dir=templates_dir)
         log.info("mail=%s follow-up of an unknown inquiry: handled as a new inquiry", message_row_id)
     return open_inquiry(
         session, message_row_id, understanding, decision, disclosed, rules, now, templates_dir=templates_dir

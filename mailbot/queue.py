@@ -216,18 +216,38 @@ def forward_opened(
     """:func:`forward_to_queue` for an inquiry opened in this transaction: the caller passes the
     values it has just written (``transactions`` as notify.transaction_entries gives them), so
     nothing is read back from the database."""
-    queue_of = rules.department(department)
     context = {
-        "now": now, "department": queue_of.id, "subject": subject, "sender": sender,
-        "sender_name": sender_name, "text": text, "received_at": received_at, "due_at": due_at,
-        "transactions": transactions,
+        "subject": subject, "sender": sender, "sender_name": sender_name, "text": text,
+        "received_at": received_at, "due_at": due_at, "transactions": transactions, "followup": False,
     }
+    return _forward(session, inquiry, department, context, rules, now, key=f"forward:{inquiry}:{department}",
+                    templates_dir=templates_dir)
+
+
+def forward_followup(
+    session: Session, inquiry: Inquiry, message: int, text: str, rules: Rules, now: datetime,
+    *, templates_dir: Path = SHIPPED_TEMPLATES,
+) -> bool:
+    """The citizen's follow-up (mail row ``message``) to the inquiry's queue: clerks who work by
+    mail see what the citizen added, and answer it by replying, as to the first forward."""
+    context = {
+        "subject": inquiry.subject, "sender": inquiry.sender, "sender_name": inquiry.sender_name, "text": text,
+        "received_at": now, "due_at": inquiry.due_at,
+        "transactions": transaction_entries(session, inquiry_numbers(inquiry.transactions)), "followup": True,
+    }
+    return _forward(session, inquiry.id, inquiry.department, context, rules, now, key=f"followup:{message}",
+                    templates_dir=templates_dir)
+
+
+def _forward(session: Session, inquiry: int, department: str, context: dict[str, object], rules: Rules,
+             now: datetime, *, key: str, templates_dir: Path) -> bool:
+    queue_of = rules.department(department)
     mail = reply.compose(
-        "queue_forward", STAFF_LANGUAGE, context, rules, templates_dir,
+        "queue_forward", STAFF_LANGUAGE, {**context, "now": now, "department": queue_of.id}, rules, templates_dir,
         inquiry=inquiry, recipient=queue_of.queue, reply_to=rules.office.address,
         auto_submitted=reply.AUTO_GENERATED,
     )
-    return outbox.enqueue(session, mail, key=f"forward:{inquiry}:{queue_of.id}", inquiry=inquiry)
+    return outbox.enqueue(session, mail, key=key, inquiry=inquiry)
 
 
 def citizen_message_ids(session: Session, inquiry: Inquiry) -> list[str]:

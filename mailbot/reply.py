@@ -17,7 +17,8 @@ Stable API (used by inquiries.py, notify.py and the clerk queue):
     ``due_at``       datetime the office promised an answer by
     template specific: ``answer`` (department_reply), ``number``, ``old_status``,
     ``new_status``, ``changed_at`` (status_changed), ``sender``, ``sender_name``,
-    ``text``, ``received_at`` (queue_forward, escalation), ``overdue_hours``,
+    ``text``, ``received_at`` (queue_forward, escalation), ``followup`` (queue_forward: a citizen's
+    follow-up, not a new inquiry), ``overdue_hours``,
     ``claimed_by`` (escalation).
 
 ``compose(template_id, language, context, rules, templates_dir, *, inquiry, recipient, ...) -> OutgoingMail``
@@ -437,4 +438,5 @@ def sample_context(now: datetime | None = None) -> dict[str, Any]:
         "received_at": now - timedelta(hours=30),
         "overdue_hours": 6,
         "claimed_by": None,
+        "followup": False,
     }

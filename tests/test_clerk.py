@@ -174,6 +174,23 @@ def test_the_same_clerk_mail_twice_relays_once(engine, rules):
     assert len(outbox_rows(engine, "department_reply")) == 1
 
 
+def test_a_reply_to_the_forwarded_followup_answers_the_citizen_and_marks_it_answered(engine, rules):
+    inquiry, _forward = open_inquiry(engine, rules)
+    with db.session(engine) as session:
+        row = session.get(Inquiry, inquiry)
+        assert queue.forward_followup(session, row, 99, "ونسيت أن أسأل عن موعد الاستلام.", rules, NOW)
+        followup_forward = session.execute(
+            select(Outbox.message_id).where(Outbox.key == "followup:99")
+        ).scalar_one()
+    outcome = deliver(engine, rules, clerk_mail(inquiry, followup_forward, "موعد الاستلام يوم الأحد.\n"))
+
+    assert outcome == clerk.ClerkOutcome(inquiry, "relayed")
+    [relay] = outbox_rows(engine, "department_reply")
+    assert relay.recipient == CITIZEN and "موعد الاستلام يوم الأحد." in whole_mail_text(relay.raw)
+    with db.session(engine) as session:
+        assert session.get(Inquiry, inquiry).state == "answered"
+
+
 def test_non_clerk_and_forged_clerk_change_nothing_and_get_no_answer(engine, rules):
     inquiry, forward = open_inquiry(engine, rules)
     before = len(outbox_rows(engine))

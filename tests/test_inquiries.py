@@ -326,3 +326,73 @@ def test_out_of_office_robot_exchange_stops_after_one_round(sqlite_url: str, rul
     assert answered == 1  # our ack, one robot answer, nothing more
     assert len(outbox_rows(engine)) == 1
     assert count(engine, Inquiry) == 1
+
+
+def set_state(engine: Engine, inquiry: int, state: str) -> None:
+    with db.session(engine) as session:
+        row = session.get(Inquiry, inquiry)
+        row.state, row.escalation_level = state, 2
+        row.closed_at = NOW if state == "closed" else None
+
+
+def test_the_citizens_followup_reaches_the_queue_and_reopens_an_answered_or_closed_inquiry(
+    engine: Engine, rules
+) -> None:
+    opened = handle(engine, rules, citizen_mail("x@example.com", "استفسار", "أين وصلت شهادتي؟"))
+    tag = f"[INQ-{opened.inquiry:06d}]"
+    later = NOW + timedelta(days=3)
+    for state in ("answered", "closed"):
+        set_state(engine, opened.inquiry, state)
+        followup = citizen_mail("X@Example.com", f"رد: {tag} استفسار", f"لم يصلني شيء بعد ({state}).")
+        handled = handle(engine, rules, followup, now=later)
+        assert (handled.action, handled.inquiry, handled.reply) == ("reopened", opened.inquiry, None)
+        with db.session(engine) as session:
+            row = session.get(Inquiry, opened.inquiry)
+            department = rules.department(row.department)
+            assert (row.state, row.escalation_level, row.closed_at) == ("open", 0, None)
+            assert row.due_at == later + timedelta(hours=department.sla_hours)
+            events = session.execute(select(InquiryEvent.text).where(InquiryEvent.kind == "system")).scalars()
+            assert f"reopened ({state}): the citizen wrote again" in list(events)
+        forward = forwards(engine)[-1]
+        sent = message_from_bytes(forward.raw, policy=policy.default)
+        assert forward.key.startswith("followup:") and forward.recipient == department.queue
+        assert sent["Subject"].startswith(f"{tag} ") and "متابعة" in sent["Subject"]
+        assert f"لم يصلني شيء بعد ({state})." in sent.get_payload()[0].get_content()
+        assert sent["Reply-To"] == "inquiries@emirate.example"
+    assert len(outbox_rows(engine)) == 1  # no second acknowledgement to the citizen
+    assert len(forwards(engine)) == 3
+
+
+def test_a_followup_on_an_open_inquiry_is_forwarded_once_and_keeps_its_due_time(engine: Engine, rules) -> None:
+    opened = handle(engine, rules, citizen_mail("x@example.com", "Question", "Where is my certificate?"))
+    with db.session(engine) as session:
+        due = session.get(Inquiry, opened.inquiry).due_at
+    followup = citizen_mail("x@example.com", f"Re: [INQ-{opened.inquiry:06d}] Question", "I also need a copy.")
+    handled = handle(engine, rules, followup, now=NOW + timedelta(hours=2))
+    understanding = understand(parse_mail(followup), rules)
+    with db.session(engine) as session:  # the same mail processed again (a crash before its commit)
+        mail_row = session.execute(select(InquiryEvent.message).where(InquiryEvent.kind == "followup")).scalar_one()
+        inquiry = session.get(Inquiry, opened.inquiry)
+        again = inquiries.join_followup(session, inquiry, mail_row, understanding, rules, NOW + timedelta(hours=3))
+
+    assert handled.action == "joined" and again.reason == "already joined"
+    with db.session(engine) as session:
+        row = session.get(Inquiry, opened.inquiry)
+        assert (row.state, row.due_at) == ("open", due)
+    [first, added] = forwards(engine)
+    assert "متابعة: Question" in message_from_bytes(added.raw, policy=policy.default)["Subject"]  # staff mail is Arabic
+    assert first.key.startswith("forward:") and added.key.startswith("followup:")
+
+
+def test_a_stop_word_or_a_third_party_does_not_reopen_or_reach_the_queue(engine: Engine, rules) -> None:
+    opened = handle(engine, rules, citizen_mail("x@example.com", "Question", "Where is my certificate?"))
+    set_state(engine, opened.inquiry, "answered")
+    tag = f"[INQ-{opened.inquiry:06d}]"
+    stop = handle(engine, rules, citizen_mail("x@example.com", f"Re: {tag} Question", "stop"))
+    other = handle(engine, rules, citizen_mail("someone@else.example", f"Re: {tag} Question", "Reopen this!"))
+
+    assert (stop.action, stop.reason) == ("joined", "stop/start word")
+    assert (other.action, other.reason) == ("joined", "not from the inquiry's sender")
+    with db.session(engine) as session:
+        assert session.get(Inquiry, opened.inquiry).state == "answered"
+    assert len(forwards(engine)) == 1
