@@ -105,8 +105,12 @@ def test_read_raw_across_piece_boundaries(engine):
             assert store.read_raw(connection, stored.id) == raw
 
 
-def test_pieces_that_change_between_reads_store_nothing(engine):
-    reads = iter([[MAIL], [MAIL.replace(b"hello", b"HELLO")]])
+@pytest.mark.parametrize("piece", [None, 7], ids=["one piece", "many pieces"])
+def test_pieces_that_change_between_reads_store_nothing(engine, piece: int | None):
+    """One piece is bound as a parameter; many are written as they come (SQLite blob, PostgreSQL COPY)."""
+    changed = MAIL.replace(b"hello", b"HELLO")
+    reads = iter([[raw] if piece is None else [raw[i:i + piece] for i in range(0, len(raw), piece)]
+                  for raw in (MAIL, changed)])
     with pytest.raises(ValueError, match="the mail's bytes differed between two reads; not stored"):
         store.store_pieces(engine, lambda: next(reads), origin="imap", mailbox="INBOX", uidvalidity=1, uid=3)
     assert store.count_by_state(engine) == {"received": 0, "processed": 0, "quarantined": 0}
