@@ -45,7 +45,10 @@ def cli() -> None:
 @cli.command()
 @click.option("--json", "as_json", is_flag=True, help="One JSON object instead of text.")
 def status(as_json: bool) -> None:
-    """Health: messages, queues, outbox. Exits 1 when the database cannot be reached or mail is stuck."""
+    """Health: messages, processing backlog, queues, outbox, intake.
+
+    Exits 1 when the database cannot be reached, stored mail waits unprocessed, outgoing mail is stuck
+    or IMAP intake keeps failing."""
     from mailbot import queue
 
     settings = _settings()
@@ -58,6 +61,12 @@ def status(as_json: bool) -> None:
         report["queues"] = {"open": health.open_by_department, "overdue": health.overdue_by_department}
         report["outbox"] = {**health.outbox, "stuck": health.outbox_stuck}
         now = db.utcnow()
+        backlog = store.processing_backlog(engine, now)
+        report["processing"] = {
+            "waiting": backlog.waiting,
+            "oldest_received_at": backlog.oldest_received_at.isoformat() if backlog.oldest_received_at else None,
+            "stuck": backlog.stuck,
+        }
         intakes = store.intake_health(engine)
         report["intake"] = {
             intake.name: {
@@ -85,6 +94,9 @@ def status(as_json: bool) -> None:
         click.echo("queues (open / overdue):")
         for department, count in sorted(health.open_by_department.items()):
             click.echo(f"  {department:<12} {count} / {health.overdue_by_department.get(department, 0)}")
+        click.echo(f"processing: {backlog.waiting} waiting"
+                   + (f", oldest received {backlog.oldest_received_at:%Y-%m-%d %H:%M:%S} UTC"
+                      if backlog.oldest_received_at else ""))
         click.echo("outbox:")
         for state, count in report["outbox"].items():
             click.echo(f"  {state:<12} {count}")
@@ -97,7 +109,11 @@ def status(as_json: bool) -> None:
     if health.is_stuck:
         click.echo(f"outbox stuck: {health.outbox_stuck} mail(s) unsent for over "
                    f"{int(queue.STUCK_AFTER.total_seconds() // 60)} minutes", err=True)
-    if health.is_stuck or failing:
+    if backlog.stuck:
+        click.echo(f"processing stuck: {backlog.stuck} mail(s) stored over "
+                   f"{int(store.PROCESSING_GRACE.total_seconds() // 60)} minutes ago and not processed "
+                   "(is `mailbot run` running? its log names a worker that keeps failing)", err=True)
+    if health.is_stuck or failing or backlog.stuck:
         sys.exit(1)
 
 

@@ -29,6 +29,8 @@ log = logging.getLogger(__name__)
 
 # An intake failing this long without a success makes `mailbot status` exit non-zero.
 INTAKE_GRACE = timedelta(minutes=10)
+# A stored mail is normally processed within seconds; one waiting this long means the workers are not working.
+PROCESSING_GRACE = timedelta(minutes=10)
 _HEAD_BYTES = 256 * 1024  # where the Message-ID is looked for
 _CHANGED = "the mail's bytes differed between two reads; not stored"
 _raw_table = MessageRaw.__table__
@@ -211,6 +213,26 @@ def read_raw(connection: Connection, message: int) -> bytes:
         raw.write(connection.execute(select(func.substring(_raw_table.c.raw, offset + 1, _READ_PIECE)).where(row))
                   .scalar_one())
     return raw.getvalue()
+
+
+@dataclass(frozen=True)
+class Backlog:
+    """Stored mail the workers have not processed yet (for `mailbot status`)."""
+
+    waiting: int
+    oldest_received_at: datetime | None
+    stuck: int  # waiting for longer than PROCESSING_GRACE: the workers are down or cannot keep up
+
+
+def processing_backlog(engine: Engine, now: datetime, grace: timedelta = PROCESSING_GRACE) -> Backlog:
+    table = Message.__table__
+    with engine.connect() as connection:
+        waiting, oldest, stuck = connection.execute(
+            select(func.count(), func.min(table.c.received_at),
+                   func.count().filter(table.c.received_at < now - grace))
+            .where(table.c.state == RECEIVED)
+        ).one()
+    return Backlog(waiting=waiting, oldest_received_at=oldest, stuck=stuck)
 
 
 def mark_processed(session: Session, message: int, **fields: object) -> None:

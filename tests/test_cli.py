@@ -12,7 +12,7 @@ from sqlalchemy import update
 from sqlalchemy.engine import Engine
 
 from mailbot import db, parse, pipeline, store
-from mailbot.models import IntakeState
+from mailbot.models import IntakeState, Message
 from mailbot.cli import cli
 from mailbot.rules import Rules
 
@@ -62,6 +62,23 @@ def test_status_json_counts_messages_by_state(invoke, engine: Engine, quarantine
     report = json.loads(result.stdout)
     assert report["database"] == "ok"
     assert report["messages"] == {"received": 1, "processed": 1, "quarantined": 1}
+
+
+def test_status_fails_while_stored_mail_waits_unprocessed(invoke, engine: Engine):
+    late = store.store_raw(engine, b"From: late@example.com\r\n\r\nlate\r\n", origin="smtp").id
+    fresh = invoke("status", "--json")
+    assert fresh.exit_code == 0, fresh.output
+    assert json.loads(fresh.stdout)["processing"]["waiting"] == 1
+    # Ten minutes without a worker taking it: the workers are down or stuck; the operator is paged.
+    with engine.begin() as connection:
+        connection.execute(update(Message.__table__).where(Message.__table__.c.id == late)
+                           .values(received_at=db.utcnow() - timedelta(minutes=11)))
+    stuck = invoke("status", "--json")
+    assert stuck.exit_code == 1
+    assert json.loads(stuck.stdout)["processing"]["stuck"] == 1
+    text = invoke("status")
+    assert "processing: 1 waiting, oldest received" in text.stdout
+    assert "processing stuck: 1 mail(s) stored over 10 minutes ago and not processed" in text.stderr
 
 
 def test_status_text(invoke, quarantined: int):
