@@ -28,6 +28,8 @@ import threading
 import time
 from multiprocessing.process import BaseProcess
 
+from sqlalchemy.exc import SQLAlchemyError
+
 from mailbot import db, pipeline
 from mailbot.logs import setup_logging
 from mailbot.rules import RulesReloader
@@ -38,6 +40,7 @@ log = logging.getLogger(__name__)
 # Mail per process_pending call: a worker checks for a stop between batches,
 # so a shutdown waits for at most one batch, not for a whole backlog.
 BATCH = 50
+DATABASE_RETRY_MAX = 60.0
 _PR_SET_PDEATHSIG = 1
 # A fresh interpreter per worker: forking a process that already runs threads
 # (SMTP ingress, IMAP, scheduler) can copy a lock held by one of them.
@@ -45,16 +48,29 @@ _context = multiprocessing.get_context("spawn")
 
 
 def work_until_stopped(settings: Settings, share: tuple[int, int], stop: threading.Event) -> None:
-    """Process pending mail (this worker's ``share``) until ``stop``; poll every worker_seconds when idle."""
+    """Process pending mail (this worker's ``share``) until ``stop``; poll every worker_seconds when idle.
+
+    While the database cannot be reached, wait and try again (doubling the wait up to
+    DATABASE_RETRY_MAX): the mail is safe in the database, and one log line per try is enough.
+    """
     engine = db.get_engine(settings.db_url)
     reloader = RulesReloader(settings.rules_dir)
     next_reload = time.monotonic() + settings.rules_reload_seconds
+    retry = settings.worker_seconds
     while not stop.is_set():
         if time.monotonic() >= next_reload:
             reloader.reload_if_changed()
             next_reload = time.monotonic() + settings.rules_reload_seconds
-        done = pipeline.process_pending(engine, reloader.rules, limit=BATCH, templates_dir=settings.templates_dir,
-                                        share=share)
+        try:
+            done = pipeline.process_pending(engine, reloader.rules, limit=BATCH,
+                                            templates_dir=settings.templates_dir, share=share)
+        except SQLAlchemyError as error:
+            log.error("worker %s of %s: database unavailable, trying again in %.1f s: %s: %s", share[0] + 1,
+                      share[1], retry, error.__class__.__name__, str(error).splitlines()[0])
+            stop.wait(retry)
+            retry = min(retry * 2, DATABASE_RETRY_MAX)
+            continue
+        retry = settings.worker_seconds
         if done < BATCH:
             stop.wait(settings.worker_seconds)
 

@@ -6,6 +6,7 @@ import os
 import signal
 import smtplib
 import subprocess
+import threading
 from pathlib import Path
 
 from sqlalchemy import func, select
@@ -122,3 +123,17 @@ def test_mailbot_run_with_two_workers_answers_each_mail_once_restarts_a_dead_wor
     assert "workers=2" in log_text
     assert f"worker 1 of 2 exited with -{signal.SIGKILL}; starting it again" in log_text or \
         f"worker 2 of 2 exited with -{signal.SIGKILL}; starting it again" in log_text
+
+
+def test_a_worker_waits_out_an_unreachable_database_and_goes_on(caplog):
+    settings = Settings(db_url="postgresql://mailbot@127.0.0.1:1/mailbot", worker_seconds=0.2)
+    stop = threading.Event()
+    worker = threading.Thread(target=workers.work_until_stopped, args=(settings, (0, 1), stop))
+    worker.start()
+    wait_for(lambda: caplog.text.count("database unavailable") >= 2, 30, "two failed tries")
+    stop.set()
+    worker.join(timeout=30)
+    assert not worker.is_alive()
+    tries = [r.getMessage() for r in caplog.records if "database unavailable" in r.getMessage()]
+    assert tries[0].startswith("worker 1 of 1: database unavailable, trying again in 0.2 s: OperationalError: ")
+    assert "trying again in 0.4 s" in tries[1]  # the wait doubles
