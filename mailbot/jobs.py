@@ -106,7 +106,7 @@ def run_daemon(settings: Settings, stop: threading.Event | None = None) -> None:
     scheduler = BackgroundScheduler(timezone=timezone.utc)
     processes: list[BaseProcess] = []
     try:
-        processes = workers.start_all(settings)
+        processes = workers.start_all(settings, reloader.rules)
         if settings.imap_host:
             imap_thread = start_imap(settings, engine, stop)
         jobs = (
@@ -121,7 +121,7 @@ def run_daemon(settings: Settings, stop: threading.Event | None = None) -> None:
         scheduler.start()
         log.info("mailbot running %s", _describe(settings, servers, imap_thread is not None))
         while not stop.wait(SUPERVISE_SECONDS):
-            workers.restart_exited(settings, processes)
+            workers.restart_exited(settings, processes, reloader.rules)
         log.info("mailbot stopping")
     finally:
         # Intake first, so no new 250 is given while the worker finishes the mail in hand.

@@ -365,10 +365,16 @@ class RulesReloader:
     are compared: an editor saving twice within one mtime tick must not be missed.
     """
 
-    def __init__(self, folder: Path | str) -> None:
+    def __init__(self, folder: Path | str, rules: Rules | None = None) -> None:
+        """``rules``: the rules a running daemon has in force (a restarted worker takes them, even
+        while the files are mid-edit and broken); the files are then read at the first check."""
         self.folder = Path(folder)
-        self._seen = _fingerprint(self.folder)
-        self.rules = load_rules(self.folder)
+        if rules is None:
+            self._seen: object = _fingerprint(self.folder)
+            self.rules = load_rules(self.folder)
+        else:
+            self._seen = None
+            self.rules = rules
 
     def reload_if_changed(self) -> Rules:
         fingerprint = _fingerprint(self.folder)

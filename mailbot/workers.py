@@ -32,7 +32,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from mailbot import db, pipeline
 from mailbot.logs import setup_logging
-from mailbot.rules import RulesReloader
+from mailbot.rules import Rules, RulesReloader
 from mailbot.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -47,14 +47,15 @@ _PR_SET_PDEATHSIG = 1
 _context = multiprocessing.get_context("spawn")
 
 
-def work_until_stopped(settings: Settings, share: tuple[int, int], stop: threading.Event) -> None:
+def work_until_stopped(settings: Settings, share: tuple[int, int], stop: threading.Event,
+                       rules: Rules | None = None) -> None:
     """Process pending mail (this worker's ``share``) until ``stop``; poll every worker_seconds when idle.
 
     While the database cannot be reached, wait and try again (doubling the wait up to
     DATABASE_RETRY_MAX): the mail is safe in the database, and one log line per try is enough.
     """
     engine = db.get_engine(settings.db_url)
-    reloader = RulesReloader(settings.rules_dir)
+    reloader = RulesReloader(settings.rules_dir, rules)
     next_reload = time.monotonic() + settings.rules_reload_seconds
     retry = settings.worker_seconds
     while not stop.is_set():
@@ -75,7 +76,7 @@ def work_until_stopped(settings: Settings, share: tuple[int, int], stop: threadi
             stop.wait(settings.worker_seconds)
 
 
-def _worker_main(settings: Settings, share: tuple[int, int], parent: int) -> None:
+def _worker_main(settings: Settings, share: tuple[int, int], parent: int, rules: Rules) -> None:
     """A worker process's entry point (runs in a spawned interpreter)."""
     _die_with_parent(parent)
     setup_logging(settings.log_level)
@@ -84,7 +85,7 @@ def _worker_main(settings: Settings, share: tuple[int, int], parent: int) -> Non
         signal.signal(signum, lambda *_: stop.set())
     log.info("worker %s of %s started pid=%s", share[0] + 1, share[1], os.getpid())
     try:
-        work_until_stopped(settings, share, stop)
+        work_until_stopped(settings, share, stop, rules)
     finally:
         db.dispose_engines()
     log.info("worker %s of %s stopped", share[0] + 1, share[1])
@@ -107,20 +108,22 @@ def share_of(settings: Settings, index: int) -> tuple[int, int]:
     return 0, 1
 
 
-def start(settings: Settings, index: int) -> BaseProcess:
+def start(settings: Settings, index: int, rules: Rules) -> BaseProcess:
+    """Worker ``index``, starting with ``rules``: the daemon's rules in force, not a fresh read of
+    the files, which an admin may be editing right now."""
     process = _context.Process(
-        target=_worker_main, args=(settings, share_of(settings, index), os.getpid()),
+        target=_worker_main, args=(settings, share_of(settings, index), os.getpid(), rules),
         name=f"mailbot-worker-{index + 1}",
     )
     process.start()
     return process
 
 
-def start_all(settings: Settings) -> list[BaseProcess]:
-    return [start(settings, index) for index in range(settings.workers)]
+def start_all(settings: Settings, rules: Rules) -> list[BaseProcess]:
+    return [start(settings, index, rules) for index in range(settings.workers)]
 
 
-def restart_exited(settings: Settings, processes: list[BaseProcess]) -> None:
+def restart_exited(settings: Settings, processes: list[BaseProcess], rules: Rules) -> None:
     """Start again every worker that died (the daemon supervises; an operator is not woken for it).
 
     Call from the thread that started them: a worker dies with that thread.
@@ -129,7 +132,7 @@ def restart_exited(settings: Settings, processes: list[BaseProcess]) -> None:
         if not process.is_alive():
             log.error("worker %s of %s exited with %s; starting it again", index + 1, len(processes),
                       process.exitcode)
-            processes[index] = start(settings, index)
+            processes[index] = start(settings, index, rules)
 
 
 def stop_all(processes: list[BaseProcess], timeout: float = 60.0) -> None:

@@ -138,7 +138,7 @@ def intake_and_process(settings: Settings, concurrent: bool) -> tuple[float, flo
     db.upgrade(settings.db_url)
     engine = db.get_engine(settings.db_url)
     rules = load_rules(settings.rules_dir)
-    processes = workers.start_all(settings) if concurrent else []
+    processes = workers.start_all(settings, rules) if concurrent else []
     try:
         if concurrent:  # the workers' interpreters start before the clock does
             time.sleep(3)

@@ -221,6 +221,23 @@ def test_several_errors_are_all_reported(folder: Path) -> None:
     ]
 
 
+def test_a_reloader_handed_the_rules_in_force_keeps_them_while_the_files_are_broken(
+    folder: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A worker restarted mid-edit starts with its daemon's rules, not with the broken files."""
+    in_force = load_rules(folder)
+    routing = folder / "routing.yaml"
+    shipped = routing.read_text(encoding="utf-8")
+    routing.write_text(shipped + "  - id: half-typed\n    match: {\n", encoding="utf-8")
+    reloader = RulesReloader(folder, in_force)
+    assert reloader.rules is in_force
+    with caplog.at_level(logging.ERROR, logger="mailbot.rules"):
+        assert reloader.reload_if_changed() is in_force
+    assert len(caplog.messages) == 1 and "reload refused, rules in force kept" in caplog.messages[0]
+    routing.write_text(shipped.replace("department-alias", "by-alias"), encoding="utf-8")
+    assert reloader.reload_if_changed().routing[0].id == "by-alias"
+
+
 def test_reload_applies_a_good_edit_and_refuses_a_bad_one(folder: Path, caplog: pytest.LogCaptureFixture) -> None:
     reloader = RulesReloader(folder)
     first = reloader.rules
