@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from email.parser import BytesHeaderParser
@@ -128,7 +128,9 @@ def store_pieces(
         elif count > 1:
             _copy_postgres(connection, message_id, read(), digest, size)
         else:
-            connection.execute(insert(_raw_table).values(message=message_id, raw=_joined(read(), digest, size)))
+            # One piece (store_raw) is joined as it is, not copied.
+            raw = b"".join(_checked(read(), digest, size))
+            connection.execute(insert(_raw_table).values(message=message_id, raw=raw))
         if mailbox is not None and uidvalidity is not None and uid is not None:
             connection.execute(
                 db.insert_ignoring_duplicates(engine, ImapSeen.__table__).values(
@@ -156,45 +158,38 @@ def _digest(pieces: Iterable[bytes]) -> tuple[str, int, bytes, int]:
     return digest.hexdigest(), size, head, count
 
 
-def _write_sqlite_blob(connection: Connection, row: int, pieces: Iterable[bytes], digest: str, size: int) -> None:
+def _checked(pieces: Iterable[bytes], digest: str, size: int) -> Iterator[bytes]:
+    """The pieces of the second read as they come; ValueError when they are not the bytes the
+    first read hashed (too many at once, or another size or sha256 at the end)."""
     check = hashlib.sha256()
     written = 0
-    sqlite = connection.connection.driver_connection
-    with sqlite.blobopen(_raw_table.name, "raw", row) as blob:
-        for piece in pieces:
-            written += len(piece)
-            if written > size:
-                break
-            blob.write(piece)
-            check.update(piece)
+    for piece in pieces:
+        written += len(piece)
+        if written > size:
+            raise ValueError(_CHANGED)
+        check.update(piece)
+        yield piece
     if written != size or check.hexdigest() != digest:
         raise ValueError(_CHANGED)
 
 
+def _write_sqlite_blob(connection: Connection, row: int, pieces: Iterable[bytes], digest: str, size: int) -> None:
+    sqlite = connection.connection.driver_connection
+    with sqlite.blobopen(_raw_table.name, "raw", row) as blob:
+        for piece in _checked(pieces, digest, size):
+            blob.write(piece)
+
+
 def _copy_postgres(connection: Connection, row: int, pieces: Iterable[bytes], digest: str, size: int) -> None:
     """PostgreSQL: stream a mail that came in pieces into message_raw with COPY, piece by piece
-    (bytea as hex text): bound as one parameter, libpq and psycopg held a 25 MB mail several times."""
-    check = hashlib.sha256()
-    written = 0
+    (bytea as hex text): bound as one parameter, libpq and psycopg held a 25 MB mail several times.
+    A ValueError from the check aborts the COPY, and the transaction is rolled back."""
     cursor = connection.connection.driver_connection.cursor()
     with cursor.copy(f"COPY {_raw_table.name} (message, raw) FROM STDIN") as copy:
         copy.write(f"{row}\t\\\\x".encode())  # the field is \x<hex>: COPY text unescapes \\ to \
-        for piece in pieces:
-            written += len(piece)
-            if written > size:
-                break
-            check.update(piece)
+        for piece in _checked(pieces, digest, size):
             copy.write(piece.hex().encode())
-        if written != size or check.hexdigest() != digest:
-            raise ValueError(_CHANGED)  # inside the COPY: it is aborted and the transaction rolled back
         copy.write(b"\n")
-
-
-def _joined(pieces: Iterable[bytes], digest: str, size: int) -> bytes:
-    raw = b"".join(pieces)  # one piece (store_raw) is returned as it is, not copied
-    if len(raw) != size or hashlib.sha256(raw).hexdigest() != digest:
-        raise ValueError(_CHANGED)
-    return raw
 
 
 def read_raw(connection: Connection, message: int) -> bytes:
