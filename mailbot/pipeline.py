@@ -149,8 +149,9 @@ def process_pending(engine: Engine, rules: Rules, limit: int | None = None,
                     templates_dir: Path = SHIPPED_TEMPLATES, share: tuple[int, int] = (0, 1)) -> int:
     """Process ``received`` mail in id order, at most ``limit``; returns how many were taken.
 
-    ``share`` (k, n): only mail whose id is k modulo n, so n workers on SQLite
-    never take the same mail (see workers.py).  Each mail is tried at most
+    ``share`` (k, n): on SQLite only mail whose id is k modulo n, so n workers
+    never take the same mail (see workers.py); on PostgreSQL workers claim any
+    mail with an advisory lock, and ``share`` is not needed.  Each mail is tried at most
     once per call, so a mail whose quarantine cannot be written (database
     down) does not spin the worker.
     """

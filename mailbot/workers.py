@@ -101,18 +101,11 @@ def _die_with_parent(parent: int) -> None:
         os._exit(1)
 
 
-def share_of(settings: Settings, index: int) -> tuple[int, int]:
-    """(index, count) on SQLite; on PostgreSQL every worker may take any mail: (0, 1)."""
-    if db.normalise_url(settings.db_url).startswith("sqlite"):
-        return index, settings.workers
-    return 0, 1
-
-
 def start(settings: Settings, index: int, rules: Rules) -> BaseProcess:
     """Worker ``index``, starting with ``rules``: the daemon's rules in force, not a fresh read of
     the files, which an admin may be editing right now."""
     process = _context.Process(
-        target=_worker_main, args=(settings, share_of(settings, index), os.getpid(), rules),
+        target=_worker_main, args=(settings, (index, settings.workers), os.getpid(), rules),
         name=f"mailbot-worker-{index + 1}",
     )
     process.start()

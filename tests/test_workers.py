@@ -9,11 +9,12 @@ import subprocess
 import threading
 from pathlib import Path
 
+import pytest
 from sqlalchemy import func, select
 from sqlalchemy.engine import Engine
 
 from conftest import MAILBOT
-from mailbot import pipeline, store, workers
+from mailbot import db, pipeline, store, workers
 from mailbot.models import Inquiry, Message, Outbox
 from mailbot.rules import Rules
 from mailbot.settings import Settings
@@ -50,8 +51,6 @@ def processed_ids(engine: Engine) -> set[int]:
 
 
 def test_workers_on_sqlite_split_the_mail_by_id(sqlite_url: str, rules: Rules):
-    from mailbot import db
-
     db.upgrade(sqlite_url)
     engine = db.get_engine(sqlite_url)
     ids = [store.store_raw(engine, citizen_mail(number), origin="smtp").id for number in range(10)]
@@ -63,11 +62,11 @@ def test_workers_on_sqlite_split_the_mail_by_id(sqlite_url: str, rules: Rules):
     assert processed_ids(engine) == set(ids)
 
 
-def test_sqlite_workers_get_shares_and_postgresql_workers_share_everything():
-    sqlite = Settings(db_url="sqlite:///x.db", workers=3)
-    postgres = Settings(db_url="postgresql://mailbot@127.0.0.1/mailbot", workers=3)
-    assert [workers.share_of(sqlite, index) for index in range(3)] == [(0, 3), (1, 3), (2, 3)]
-    assert [workers.share_of(postgres, index) for index in range(3)] == [(0, 1)] * 3
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+def test_workers_on_postgresql_take_any_mail_whatever_their_share(engine: Engine, rules: Rules):
+    ids = [store.store_raw(engine, citizen_mail(number), origin="smtp").id for number in range(6)]
+    assert pipeline.process_pending(engine, rules, share=(1, 2)) == 6
+    assert processed_ids(engine) == set(ids)
 
 
 def test_mailbot_run_with_two_workers_answers_each_mail_once_restarts_a_dead_worker_and_takes_them_down(
