@@ -32,7 +32,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from sqlalchemy import bindparam, insert, select
+from sqlalchemy import bindparam, func, insert, select
 from sqlmodel import Session
 
 from mailbot import db, notify, outbox, queue, reply
@@ -165,6 +165,12 @@ def open_inquiry(
     ``understanding``: understand.Understanding; ``decision``: route.Decision (department, rule,
     priority, tag, no_auto_reply); ``disclosed``: disclose.disclosed(...), the numbers whose
     status this sender may see.
+
+    The inquiry's reference is the number of the mail that opened it (one inquiry per
+    mail), so both mails are composed from reads alone before anything is written: on
+    SQLite, whose one writer every worker and the intake wait for, the write lock is held
+    for a few inserts, not for rendering.  References therefore skip the numbers of mail
+    that opened no inquiry (follow-ups, clerk answers, bounces).
     """
     parsed = understanding.mail
     department = rules.department(decision.department)
@@ -172,69 +178,92 @@ def open_inquiry(
     sender = (parsed.sender or "").lower()
     sender_name = reply.clean_header(parsed.sender_name or "")[:998] or None
     due_at = now + timedelta(hours=department.sla_hours)
-    inserted = session.execute(
-        db.insert_ignoring_duplicates(session.get_bind(), _inquiries, _inquiries.c.id),
-        {
-            "message": message_row_id, "department": department.id, "rule": decision.rule,
-            "language": understanding.language, "state": "open", "sender": sender, "sender_name": sender_name,
-            "subject": parsed.subject, "transactions": " ".join(numbers), "priority": decision.priority,
-            "tag": decision.tag, "created_at": now, "due_at": due_at, "escalation_level": 0,
-        },
-    ).scalar_one_or_none()
-    if inserted is None:
-        inquiry_id = session.execute(
-            select(Inquiry.id).where(Inquiry.message == message_row_id)
-        ).scalar_one()
-        log.info("mail=%s inquiry=%s already opened, nothing new", message_row_id, inquiry_id)
-        return Handled("opened", inquiry_id, reason="already processed")
-    inquiry_id = inserted
+    forwarded = notify.inquiry_numbers(" ".join(numbers))
+    on_file = _transaction_rows(session, [*forwarded, *disclosed])
+    template = ack_template(understanding, disclosed)
+    blocked = _ack_blocked(session, parsed.sender, decision, rules, now)
+
+    def compose(inquiry_id: int) -> tuple[reply.OutgoingMail, reply.OutgoingMail | None]:
+        """The forward to the queue and the acknowledgement (None when blocked)."""
+        forward = queue.opened_forward(
+            inquiry_id, rules, now, department=department.id, subject=parsed.subject, sender=sender,
+            sender_name=sender_name, text=understanding.new_text or "", received_at=now, due_at=due_at,
+            transactions=[
+                {"number": n, "status": on_file[n].status, "updated_at": on_file[n].updated_at} if n in on_file
+                else {"number": n, "status": None, "updated_at": None}
+                for n in forwarded
+            ],
+            templates_dir=templates_dir,
+        )
+        if blocked:
+            return forward, None
+        context = {
+            "now": now,
+            "name": parsed.sender_name or None,
+            "subject": parsed.subject or None,
+            "department": department.id,
+            "due_at": due_at,
+            "transactions": (
+                [
+                    {"number": n, "status": on_file[n].status, "updated_at": on_file[n].updated_at}
+                    for n in disclosed if n in on_file
+                ]
+                if template == "ack_status"
+                else [{"number": n} for n in _asked_numbers(understanding)]
+            ),
+        }
+        # Always to From, never to Reply-To: the status was disclosed to the From address alone.
+        ack = reply.compose(
+            template, understanding.language, context, rules, templates_dir,
+            inquiry=inquiry_id, recipient=parsed.sender, recipient_name=parsed.sender_name,
+            in_reply_to=parsed.message_id, references=parsed.references, auto_submitted=reply.AUTO_REPLIED,
+        )
+        return forward, ack
+
+    inquiry_id = message_row_id
+    forward, ack = compose(inquiry_id)
+    values = {
+        "message": message_row_id, "department": department.id, "rule": decision.rule,
+        "language": understanding.language, "state": "open", "sender": sender, "sender_name": sender_name,
+        "subject": parsed.subject, "transactions": " ".join(numbers), "priority": decision.priority,
+        "tag": decision.tag, "created_at": now, "due_at": due_at, "escalation_level": 0,
+    }
+    if not _insert_inquiry(session, {"id": inquiry_id, **values}):
+        opened = session.execute(select(Inquiry.id).where(Inquiry.message == message_row_id)).scalar_one_or_none()
+        if opened is not None:
+            log.info("mail=%s inquiry=%s already opened, nothing new", message_row_id, opened)
+            return Handled("opened", opened, reason="already processed")
+        inquiry_id = _insert_with_free_id(session, values)
+        log.info("mail=%s reference %s was taken by an older inquiry: inquiry=%s", message_row_id,
+                 message_row_id, inquiry_id)
+        forward, ack = compose(inquiry_id)
     # A new inquiry has no events yet: no need to look for this one first (nor to build an ORM object).
     session.execute(_INSERT_EVENT, {"inquiry": inquiry_id, "kind": "citizen", "message": message_row_id,
                                     "author": parsed.sender, "text": understanding.new_text, "at": now})
-    # The forward is made from what was just written (same values as forward_to_queue reads back).
-    forwarded = notify.inquiry_numbers(" ".join(numbers))
-    on_file = _transaction_rows(session, [*forwarded, *disclosed])
-    queue.forward_opened(
-        session, inquiry_id, rules, now, department=department.id, subject=parsed.subject, sender=sender,
-        sender_name=sender_name, text=understanding.new_text or "", received_at=now, due_at=due_at,
-        transactions=[
-            {"number": n, "status": on_file[n].status, "updated_at": on_file[n].updated_at} if n in on_file
-            else {"number": n, "status": None, "updated_at": None}
-            for n in forwarded
-        ],
-        templates_dir=templates_dir,
-    )
-    template = ack_template(understanding, disclosed)
-    blocked = _ack_blocked(session, parsed.sender, decision, rules, now)
-    if blocked:
+    queue.enqueue_opened(session, inquiry_id, department.id, forward)
+    if ack is None:
         log.info("mail=%s inquiry=%s no acknowledgement: %s", message_row_id, inquiry_id, blocked)
         return Handled("opened", inquiry_id, reason=blocked)
-    context = {
-        "now": now,
-        "name": parsed.sender_name or None,
-        "subject": parsed.subject or None,
-        "department": department.id,
-        "due_at": due_at,
-        "transactions": (
-            [
-                {"number": n, "status": on_file[n].status, "updated_at": on_file[n].updated_at}
-                for n in disclosed if n in on_file
-            ]
-            if template == "ack_status"
-            else [{"number": n} for n in _asked_numbers(understanding)]
-        ),
-    }
-    # Always to From, never to Reply-To: the status was disclosed to the From address alone.
-    mail = reply.compose(
-        template, understanding.language, context, rules, templates_dir,
-        inquiry=inquiry_id, recipient=parsed.sender, recipient_name=parsed.sender_name,
-        in_reply_to=parsed.message_id, references=parsed.references, auto_submitted=reply.AUTO_REPLIED,
-    )
-    outbox.enqueue(session, mail, key=f"ack:{message_row_id}", inquiry=inquiry_id, now=now)
+    outbox.enqueue(session, ack, key=f"ack:{message_row_id}", inquiry=inquiry_id, now=now)
     if template == "ack_status":
         for number in disclosed:
             notify.subscribe(session, number, parsed.sender, understanding.language, inquiry_id)
     return Handled("opened", inquiry_id, reply=template)
+
+
+def _insert_inquiry(session: Session, values: dict[str, Any]) -> bool:
+    """False when the id or the mail already has an inquiry."""
+    statement = db.insert_ignoring_duplicates(session.get_bind(), _inquiries, _inquiries.c.id)
+    return session.execute(statement, values).scalar_one_or_none() is not None
+
+
+def _insert_with_free_id(session: Session, values: dict[str, Any]) -> int:
+    """The inquiry under the next free reference: for a mail whose own number an inquiry opened
+    before references followed mail numbers already has (or one a concurrent worker just took)."""
+    while True:
+        candidate = session.execute(select(func.coalesce(func.max(_inquiries.c.id), 0) + 1)).scalar_one()
+        if _insert_inquiry(session, {"id": candidate, **values}):
+            return candidate
 
 
 def _ack_blocked(session: Session, sender: str | None, decision: Decision, rules: Rules, now: datetime) -> str | None:

@@ -200,7 +200,7 @@ def _outbox_row(mail: reply.OutgoingMail, key: str, inquiry: int) -> dict[str, o
     """The columns ``outbox.enqueue`` writes, for one multi-row INSERT per batch."""
     created = db.utcnow()
     return {"key": key[:255], "inquiry": inquiry, "template": mail.template, "recipient": mail.recipient.lower(),
-            "message_id": mail.message_id, "raw": reply.to_bytes(mail), "state": outbox.PENDING, "attempts": 0,
+            "message_id": mail.message_id, "raw": mail.raw, "state": outbox.PENDING, "attempts": 0,
             "next_attempt_at": created, "created_at": created}
 
 

@@ -51,7 +51,7 @@ from sqlmodel import Session
 
 from mailbot import db
 from mailbot.models import Outbox, Undeliverable
-from mailbot.reply import OutgoingMail, to_bytes
+from mailbot.reply import OutgoingMail
 from mailbot.rules import Rules
 from mailbot.settings import Settings
 
@@ -105,7 +105,7 @@ def enqueue(
     statement = db.insert_ignoring_duplicates(session.get_bind(), _table, _table.c.id)
     values = {
         "key": key[:255], "inquiry": inquiry, "template": mail.template, "recipient": mail.recipient.lower(),
-        "message_id": mail.message_id, "raw": to_bytes(mail), "state": PENDING, "attempts": 0,
+        "message_id": mail.message_id, "raw": mail.raw, "state": PENDING, "attempts": 0,
         "next_attempt_at": now, "created_at": now,
     }
     created = session.execute(statement, values).scalar_one_or_none() is not None

@@ -20,6 +20,7 @@ from sqlmodel import Session
 from mailbot import outbox, reply
 from mailbot.models import Inquiry, InquiryEvent, Message, Outbox
 from mailbot.notify import STAFF_LANGUAGE, citizen_text, inquiry_numbers, transaction_entries
+from mailbot.reply import OutgoingMail
 from mailbot.rules import Rules
 from mailbot.settings import SHIPPED_TEMPLATES
 
@@ -200,28 +201,33 @@ def forward_to_queue(
     threaded on the forward's Message-ID.  Once per inquiry and department.
     """
     row = _inquiry(session, inquiry)
-    return forward_opened(
-        session, inquiry, rules, now, department=row.department, subject=row.subject, sender=row.sender,
+    mail = opened_forward(
+        inquiry, rules, now, department=row.department, subject=row.subject, sender=row.sender,
         sender_name=row.sender_name, text=citizen_text(session, inquiry), received_at=row.created_at,
         due_at=row.due_at, transactions=transaction_entries(session, inquiry_numbers(row.transactions)),
         templates_dir=templates_dir,
     )
+    return enqueue_opened(session, inquiry, row.department, mail)
 
 
-def forward_opened(
-    session: Session, inquiry: int, rules: Rules, now: datetime, *, department: str, subject: str | None,
+def opened_forward(
+    inquiry: int, rules: Rules, now: datetime, *, department: str, subject: str | None,
     sender: str, sender_name: str | None, text: str, received_at: datetime, due_at: datetime,
     transactions: list[dict[str, object]], templates_dir: Path = SHIPPED_TEMPLATES,
-) -> bool:
-    """:func:`forward_to_queue` for an inquiry opened in this transaction: the caller passes the
-    values it has just written (``transactions`` as notify.transaction_entries gives them), so
-    nothing is read back from the database."""
+) -> OutgoingMail:
+    """The ``queue_forward`` of an inquiry, made from its values (``transactions`` as
+    notify.transaction_entries gives them) without reading or writing the database:
+    a new inquiry's forward is composed before its write transaction begins."""
     context = {
         "subject": subject, "sender": sender, "sender_name": sender_name, "text": text,
         "received_at": received_at, "due_at": due_at, "transactions": transactions, "followup": False,
     }
-    return _forward(session, inquiry, department, context, rules, now, key=f"forward:{inquiry}:{department}",
-                    templates_dir=templates_dir)
+    return _forward_mail(inquiry, department, context, rules, now, templates_dir)
+
+
+def enqueue_opened(session: Session, inquiry: int, department: str, mail: OutgoingMail) -> bool:
+    """Queue an inquiry's forward to ``department``: once per inquiry and department."""
+    return outbox.enqueue(session, mail, key=f"forward:{inquiry}:{department}", inquiry=inquiry)
 
 
 def forward_followup(
@@ -235,19 +241,18 @@ def forward_followup(
         "received_at": now, "due_at": inquiry.due_at,
         "transactions": transaction_entries(session, inquiry_numbers(inquiry.transactions)), "followup": True,
     }
-    return _forward(session, inquiry.id, inquiry.department, context, rules, now, key=f"followup:{message}",
-                    templates_dir=templates_dir)
+    mail = _forward_mail(inquiry.id, inquiry.department, context, rules, now, templates_dir)
+    return outbox.enqueue(session, mail, key=f"followup:{message}", inquiry=inquiry.id)
 
 
-def _forward(session: Session, inquiry: int, department: str, context: dict[str, object], rules: Rules,
-             now: datetime, *, key: str, templates_dir: Path) -> bool:
+def _forward_mail(inquiry: int, department: str, context: dict[str, object], rules: Rules, now: datetime,
+                  templates_dir: Path) -> OutgoingMail:
     queue_of = rules.department(department)
-    mail = reply.compose(
+    return reply.compose(
         "queue_forward", STAFF_LANGUAGE, {**context, "now": now, "department": queue_of.id}, rules, templates_dir,
         inquiry=inquiry, recipient=queue_of.queue, reply_to=rules.office.address,
         auto_submitted=reply.AUTO_GENERATED,
     )
-    return outbox.enqueue(session, mail, key=key, inquiry=inquiry)
 
 
 def citizen_message_ids(session: Session, inquiry: Inquiry) -> list[str]:

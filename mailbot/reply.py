@@ -27,7 +27,8 @@ Stable API (used by inquiries.py, notify.py and the clerk queue):
     Auto-Submitted, From with the office name in the reply's language.
 
 ``to_bytes(mail) -> bytes``
-    multipart/alternative (text + HTML), UTF-8, CRLF, RFC 2047 headers.
+    multipart/alternative (text + HTML), UTF-8, CRLF, RFC 2047 headers; every
+    ``OutgoingMail`` carries its own as ``mail.raw``.
 
 Anything a citizen controls (names, subjects, addresses, Message-IDs) passes
 :func:`clean_header` before it reaches a header, so it can never add or split one.
@@ -122,6 +123,12 @@ class OutgoingMail:
     references: tuple[str, ...] = ()
     reply_to: str | None = None
     date: datetime = field(default_factory=db.utcnow)
+    # The bytes as sent (to_bytes), made once with the mail: callers compose before they
+    # open a write transaction, so the database is not held while the mail is encoded.
+    raw: bytes = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "raw", to_bytes(self))
 
 
 def clean_header(value: object) -> str:

@@ -133,6 +133,41 @@ def test_same_mail_twice_is_one_inquiry_and_one_reply(office: Engine, rules) -> 
     assert count(office, InquiryEvent) == 1
 
 
+def test_the_reference_is_the_number_of_the_mail_that_opened_it(engine: Engine, rules) -> None:
+    """Known before anything is written, so both mails are composed outside the write transaction."""
+    first = handle(engine, rules, citizen_mail("x@example.com", "Question", "Where is my certificate?"))
+    followup = handle(engine, rules, citizen_mail("x@example.com", f"Re: [INQ-{first.inquiry:06d}]", "And?"))
+    second = handle(engine, rules, citizen_mail("y@example.com", "سؤال", "متى يصل الرد؟"))
+
+    assert (first.inquiry, followup.action, second.inquiry) == (1, "joined", 3)
+    with engine.connect() as connection:
+        rows = connection.execute(select(Inquiry.__table__.c.id, Inquiry.__table__.c.message)).all()
+    assert sorted(rows) == [(1, 1), (3, 3)]
+    ack = message_from_bytes(outbox_rows(engine)[-1].raw, policy=policy.default)
+    assert "[INQ-000003]" in str(ack["Subject"]) and ack["Message-ID"].startswith("<inq-000003.ack.")
+
+
+def test_a_reference_taken_by_an_older_inquiry_gives_the_next_free_one(engine: Engine, rules) -> None:
+    """Inquiries opened before references followed mail numbers keep theirs; the new one takes
+    the next free number, and its mails say that number."""
+    with db.session(engine) as session:
+        for number, reference in ((1, 3), (2, 4)):  # mails 1 and 2 opened inquiries 3 and 4
+            older = store.store_raw(engine, citizen_mail(f"old{number}@example.com", "Old", "Before."), origin="cli")
+            session.add(Inquiry(id=reference, message=older.id, department="general", rule="general", language="en",
+                                state="open", sender=f"old{number}@example.com", subject="Old", transactions="",
+                                created_at=NOW, due_at=NOW))
+
+    handled = handle(engine, rules, citizen_mail("x@example.com", "Question", "Where is my certificate?"))
+
+    # Mail 3's own number is taken by an older inquiry: the next free reference is 5.
+    assert handled.action == "opened" and handled.inquiry == 5
+    [ack] = outbox_rows(engine)
+    assert ack.inquiry == 5 and ack.message_id.startswith("<inq-000005.ack.")
+    assert "[INQ-000005]" in str(message_from_bytes(ack.raw, policy=policy.default)["Subject"])
+    [forward] = forwards(engine)
+    assert forward.key == "forward:5:general" and forward.message_id.startswith("<inq-000005.fwd.")
+
+
 def test_unknown_sender_gets_no_status_and_no_number_gets_the_howto(engine: Engine, rules) -> None:
     asked = handle(engine, rules, citizen_mail("x@example.com", "Question", "What about 1446/00321 please?"))
     nothing = handle(engine, rules, citizen_mail("y@example.com", "استفسار", "متى يتم الرد على طلبي؟"))
