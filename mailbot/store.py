@@ -41,6 +41,7 @@ _READ_PIECE = 256 * 1024  # bytes per query when reading a mail from PostgreSQL
 class Stored:
     id: int
     created: bool  # False when these bytes were already in the archive
+    size: int
 
 
 def header_message_id(raw: bytes) -> str | None:
@@ -94,54 +95,80 @@ def store_pieces(
     in memory at once.  Reading different bytes the second time raises ValueError
     and stores nothing.
     """
-    digest, size, head, count = _digest(read())
     with engine.begin() as connection:
-        sqlite = connection.dialect.name == "sqlite"
-        inserted = connection.execute(
-            db.insert_ignoring_duplicates(engine, Message.__table__)
-            .values(
-                sha256=digest,
-                message_id=header_message_id(head),
-                size=size,
-                origin=origin,
-                peer=peer,
-                imap_uidvalidity=uidvalidity,
-                imap_uid=uid,
-                received_at=db.utcnow(),
-                state=RECEIVED,
-                attempts=0,
-            )
-            .returning(Message.__table__.c.id)
-        ).scalar_one_or_none()
-        created = inserted is not None
-        message_id = inserted
-        if message_id is None:
-            message_id = connection.execute(
-                select(Message.__table__.c.id).where(Message.__table__.c.sha256 == digest)
-            ).scalar_one()
-        elif sqlite:
-            # SQLite copies a bound blob twice (the binding, which its statement
-            # cache then keeps, and the record): the bytes are written into the
-            # row afterwards instead, piece by piece.
-            connection.execute(insert(_raw_table).values(message=message_id, raw=func.zeroblob(size)))
-            _write_sqlite_blob(connection, message_id, read(), digest, size)
-        elif count > 1:
-            _copy_postgres(connection, message_id, read(), digest, size)
-        else:
-            # One piece (store_raw) is joined as it is, not copied.
-            raw = b"".join(_checked(read(), digest, size))
-            connection.execute(insert(_raw_table).values(message=message_id, raw=raw))
-        if mailbox is not None and uidvalidity is not None and uid is not None:
-            connection.execute(
-                db.insert_ignoring_duplicates(engine, ImapSeen.__table__).values(
-                    mailbox=mailbox, uidvalidity=uidvalidity, uid=uid, message=message_id, moved=False
-                )
-            )
-    if created:
-        log.info("mail=%s origin=%s size=%s stored", message_id, origin, size)
+        stored = _store(connection, read, origin=origin, peer=peer, mailbox=mailbox, uidvalidity=uidvalidity, uid=uid)
+    _log_stored(stored, origin)
+    return stored
+
+
+def store_fetched(
+    engine: Engine, mails: Iterable[tuple[int, bytes]], *, mailbox: str, uidvalidity: int
+) -> list[Stored]:
+    """Archive IMAP mails, given as (uid, bytes), in ONE transaction, each with its UID.
+
+    The mails of one fetch are committed together (one commit, one hold of SQLite's
+    write lock instead of one per mail); none is moved out of the inbox before it.
+    """
+    with engine.begin() as connection:
+        stored = [_store(connection, lambda raw=raw: (raw,), origin="imap", peer=None, mailbox=mailbox,
+                         uidvalidity=uidvalidity, uid=uid) for uid, raw in mails]
+    for result in stored:
+        _log_stored(result, "imap")
+    return stored
+
+
+def _log_stored(stored: Stored, origin: str) -> None:
+    if stored.created:
+        log.info("mail=%s origin=%s size=%s stored", stored.id, origin, stored.size)
     else:
-        log.info("mail=%s origin=%s duplicate delivery, already stored", message_id, origin)
-    return Stored(id=message_id, created=created)
+        log.info("mail=%s origin=%s duplicate delivery, already stored", stored.id, origin)
+
+
+# Built once, executed with parameters: SQLAlchemy then reuses their compiled form.
+_INSERT_RAW = insert(_raw_table)
+_INSERT_EMPTY_RAW = insert(_raw_table).values(raw=func.zeroblob(bindparam("size")))
+_ID_BY_SHA256 = select(Message.__table__.c.id).where(Message.__table__.c.sha256 == bindparam("sha256"))
+
+
+def _store(
+    connection: Connection,
+    read: Callable[[], Iterable[bytes]],
+    *,
+    origin: str,
+    peer: str | None,
+    mailbox: str | None,
+    uidvalidity: int | None,
+    uid: int | None,
+) -> Stored:
+    digest, size, head, count = _digest(read())
+    message_id = connection.execute(
+        db.insert_ignoring_duplicates(connection, Message.__table__, Message.__table__.c.id),
+        {
+            "sha256": digest, "message_id": header_message_id(head), "size": size, "origin": origin,
+            "peer": peer, "imap_uidvalidity": uidvalidity, "imap_uid": uid, "received_at": db.utcnow(),
+            "state": RECEIVED, "attempts": 0,
+        },
+    ).scalar_one_or_none()
+    created = message_id is not None
+    if message_id is None:
+        message_id = connection.execute(_ID_BY_SHA256, {"sha256": digest}).scalar_one()
+    elif connection.dialect.name == "sqlite":
+        # SQLite copies a bound blob twice (the binding, which its statement
+        # cache then keeps, and the record): the bytes are written into the
+        # row afterwards instead, piece by piece.
+        connection.execute(_INSERT_EMPTY_RAW, {"message": message_id, "size": size})
+        _write_sqlite_blob(connection, message_id, read(), digest, size)
+    elif count > 1:
+        _copy_postgres(connection, message_id, read(), digest, size)
+    else:
+        # One piece (store_raw) is joined as it is, not copied.
+        connection.execute(_INSERT_RAW, {"message": message_id, "raw": b"".join(_checked(read(), digest, size))})
+    if mailbox is not None and uidvalidity is not None and uid is not None:
+        connection.execute(
+            db.insert_ignoring_duplicates(connection, ImapSeen.__table__),
+            {"mailbox": mailbox, "uidvalidity": uidvalidity, "uid": uid, "message": message_id, "moved": False},
+        )
+    return Stored(id=message_id, created=created, size=size)
 
 
 def _digest(pieces: Iterable[bytes]) -> tuple[str, int, bytes, int]:

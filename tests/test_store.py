@@ -48,6 +48,37 @@ def test_imap_uid_recorded_with_the_mail(engine):
     assert [(s.uidvalidity, s.uid, s.message) for s in seen] == [(4_000_000_000, 7, stored.id)]
 
 
+def test_a_fetched_batch_is_stored_once_each_with_its_uid(engine):
+    other = MAIL.replace(b"<m1@", b"<m2@")
+    stored = store.store_fetched(engine, [(10, MAIL), (11, other), (12, MAIL)], mailbox="INBOX", uidvalidity=9)
+
+    assert [s.created for s in stored] == [True, True, False]
+    assert stored[2].id == stored[0].id != stored[1].id
+    with Session(engine) as session:
+        seen = session.exec(select(ImapSeen).order_by(ImapSeen.uid)).scalars().all()
+        raws = {raw.message: raw.raw for raw in session.exec(select(MessageRaw)).scalars()}
+    assert [(s.uid, s.message) for s in seen] == [(10, stored[0].id), (11, stored[1].id), (12, stored[0].id)]
+    assert raws == {stored[0].id: MAIL, stored[1].id: other}
+
+
+def test_a_fetched_batch_that_fails_midway_stores_none_of_it(engine, monkeypatch):
+    """One transaction: nothing of the batch is archived, so intake moves none of it and fetches it again."""
+    calls = []
+
+    def failing_on_the_second(head: bytes) -> str:
+        calls.append(head)
+        if len(calls) == 2:
+            raise RuntimeError("disk full")
+        return "<id@example.com>"
+
+    monkeypatch.setattr(store, "header_message_id", failing_on_the_second)
+    with pytest.raises(RuntimeError):
+        store.store_fetched(engine, [(1, MAIL), (2, MAIL + b"more\r\n")], mailbox="INBOX", uidvalidity=9)
+    assert store.count_by_state(engine) == {"received": 0, "processed": 0, "quarantined": 0}
+    with Session(engine) as session:
+        assert session.exec(select(ImapSeen)).scalars().all() == []
+
+
 def test_quarantine_and_release(engine):
     stored = store.store_raw(engine, b"\x00\xff garbage", origin="smtp")
     assert store.count_by_state(engine) == {"received": 1, "processed": 0, "quarantined": 0}

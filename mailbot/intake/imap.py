@@ -158,17 +158,15 @@ def _fetch_and_store(
         return [uid], int(result.created)
     # BODY.PEEK leaves \Seen alone: the inbox copy looks untouched until it is moved.
     bodies = {uid: item.get(b"BODY[]") for uid, item in client.fetch(list(batch), ["BODY.PEEK[]"]).items()}
-    archived: list[int] = []
-    created = 0
+    fetched = []
     for uid in batch:
         raw = bodies.pop(uid, None)
         if raw is None:
             log.warning("folder=%s uid=%s vanished before it was fetched", folder, uid)
             continue
-        result = store.store_raw(engine, raw, origin="imap", mailbox=folder, uidvalidity=uidvalidity, uid=uid)
-        archived.append(uid)
-        created += result.created
-    return archived, created
+        fetched.append((uid, raw))
+    stored = store.store_fetched(engine, fetched, mailbox=folder, uidvalidity=uidvalidity)
+    return [uid for uid, _raw in fetched], sum(result.created for result in stored)
 
 
 def _fetch_in_pieces(client: IMAPClient, uid: int) -> Iterator[bytes]:
