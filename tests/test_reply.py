@@ -267,3 +267,24 @@ def test_the_citizens_name_reads_back_the_same_in_short_and_long_to_lines(rules,
     # policy.default address parser puts a space there, splitting a long name mid-word.
     value = message_from_bytes(raw, policy=compat32)["To"]
     assert parseaddr(str(make_header(decode_header(value)))) == (name, "citizen@example.com")
+
+
+@pytest.mark.parametrize(
+    "subject",
+    [
+        "[INQ-000123] استفسار عن معاملة 1446/00321",
+        "[INQ-000123] " + "استفسار طويل جدا عن حالة المعاملة رقم ١٤٤٦/٠٠٣٢١ " * 6,
+        "[INQ-000123] Re: Status 1446/00001 / حالة المعاملة",
+    ],
+)
+def test_arabic_subjects_decode_back_exactly_with_the_tag_readable(rules, subject: str) -> None:
+    mail = compose(rules)
+    raw = reply.to_bytes(reply.OutgoingMail(**{**_fields(mail), "subject": subject}))
+    head = raw.split(b"\r\n\r\n", 1)[0]
+    assert all(len(line) <= 78 for line in head.split(b"\r\n"))
+    assert re.search(rb"^Subject: \[INQ-000123\] ", head, re.MULTILINE)
+    assert message_from_bytes(raw, policy=policy.default)["Subject"] == reply.clean_header(subject)
+
+
+def _fields(mail: reply.OutgoingMail) -> dict[str, object]:
+    return {name: getattr(mail, name) for name in reply.OutgoingMail.__dataclass_fields__ if name != "raw"}
