@@ -296,11 +296,13 @@ def test_25_mb_attachment_mail_parses_like_a_small_one() -> None:
 
 
 @pytest.mark.parametrize("crlf", [False, True])
-def test_slim_parse_of_a_large_mail_equals_the_whole_parse(crlf: bool, monkeypatch: pytest.MonkeyPatch) -> None:
-    raw = documents_mail(bytes(range(256)) * 8000, crlf=crlf)
+@pytest.mark.parametrize("blocks", [800, 8000], ids=["200KB-scan", "2MB"])
+def test_slim_parse_of_a_large_mail_equals_the_whole_parse(crlf: bool, blocks: int,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    raw = documents_mail(bytes(range(256)) * blocks, crlf=crlf)
     assert len(raw) > parse.SLIM_ABOVE
     slim, elided = parse.slim_copy(raw)
-    assert sorted(elided.values()) == [256 * 8000 // 3, 256 * 8000] and len(slim) < 10_000
+    assert sorted(elided.values()) == [256 * blocks // 3, 256 * blocks] and len(slim) < 10_000
     parsed = parse_mail(raw)
     monkeypatch.setattr(parse, "SLIM_ABOVE", len(raw))
     assert parsed == parse_mail(raw)
