@@ -11,13 +11,14 @@ import os
 import sys
 import uuid
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Iterator
 
 import psycopg
 import pytest
 from sqlalchemy.engine import Engine
 
-from mailbot import db
+from mailbot import db, parse
 from mailbot.rules import Rules, load_rules
 from mailbot.settings import SHIPPED_RULES
 
@@ -80,3 +81,18 @@ def engine(db_url: str) -> Engine:
 @pytest.fixture(scope="session")
 def rules() -> Rules:
     return load_rules(SHIPPED_RULES)
+
+
+@pytest.fixture
+def exploding_parse(monkeypatch: pytest.MonkeyPatch) -> SimpleNamespace:
+    """A stage that fails: parse.parse_mail raises for a mail with Message-ID <boom@example.com>
+    until ``exploding_parse.repair()`` puts the real one back."""
+    real_parse = parse.parse_mail
+
+    def exploding(raw: bytes) -> parse.ParsedMail:
+        if b"<boom@example.com>" in raw:
+            raise RuntimeError("stage exploded on purpose")
+        return real_parse(raw)
+
+    monkeypatch.setattr(parse, "parse_mail", exploding)
+    return SimpleNamespace(repair=lambda: monkeypatch.setattr(parse, "parse_mail", real_parse))

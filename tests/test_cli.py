@@ -11,7 +11,7 @@ from click.testing import CliRunner, Result
 from sqlalchemy import update
 from sqlalchemy.engine import Engine
 
-from mailbot import db, parse, pipeline, store
+from mailbot import db, pipeline, store
 from mailbot.models import IntakeState, Message
 from mailbot.cli import cli
 from mailbot.rules import Rules
@@ -38,20 +38,12 @@ def invoke(db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
 
 
 @pytest.fixture
-def quarantined(engine: Engine, rules: Rules, monkeypatch: pytest.MonkeyPatch) -> int:
+def quarantined(engine: Engine, rules: Rules, exploding_parse) -> int:
     """One good mail processed, one quarantined by a stage that raised."""
-    real_parse = parse.parse_mail
-
-    def exploding(raw: bytes) -> parse.ParsedMail:
-        if b"<boom@example.com>" in raw:
-            raise RuntimeError("stage exploded on purpose")
-        return real_parse(raw)
-
-    monkeypatch.setattr(parse, "parse_mail", exploding)
     store.store_raw(engine, GOOD, origin="smtp")
     boom = store.store_raw(engine, BOOM, origin="lmtp").id
     assert pipeline.process_pending(engine, rules) == 2
-    monkeypatch.setattr(parse, "parse_mail", real_parse)
+    exploding_parse.repair()
     return boom
 
 

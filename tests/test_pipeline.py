@@ -15,7 +15,7 @@ import pytest
 from sqlalchemy import select, text
 from sqlalchemy.engine import Engine
 
-from mailbot import db, parse, pipeline, store
+from mailbot import db, pipeline, store
 from mailbot.intake.smtp import IngressServer
 from mailbot.models import Message, MessageRaw
 from mailbot.rules import Rules
@@ -134,15 +134,7 @@ def test_a_25_mb_attachment_is_archived_and_processed(sqlite_url: str, rules: Ru
     assert (done.state, done.subject, done.size) == ("processed", "صورة الهوية", len(raw))
 
 
-def test_an_exception_in_a_stage_quarantines_and_the_worker_goes_on(engine: Engine, rules: Rules, monkeypatch):
-    real_parse = parse.parse_mail
-
-    def exploding(raw: bytes) -> parse.ParsedMail:
-        if b"<boom@example.com>" in raw:
-            raise RuntimeError("stage exploded on purpose")
-        return real_parse(raw)
-
-    monkeypatch.setattr(parse, "parse_mail", exploding)
+def test_an_exception_in_a_stage_quarantines_and_the_worker_goes_on(engine: Engine, rules: Rules, exploding_parse):
     boom = store.store_raw(engine, ARABIC.replace(b"<ok@example.com>", b"<boom@example.com>"), origin="smtp").id
     fine = store.store_raw(engine, ARABIC, origin="smtp").id
 
@@ -155,7 +147,7 @@ def test_an_exception_in_a_stage_quarantines_and_the_worker_goes_on(engine: Engi
     assert row(engine, fine).state == "processed"
 
     assert pipeline.retry_quarantined(engine, [boom]) == [boom]
-    monkeypatch.setattr(parse, "parse_mail", real_parse)
+    exploding_parse.repair()
     assert pipeline.process_pending(engine, rules) == 1
     assert row(engine, boom).state == "processed"
     assert row(engine, boom).reason is None
