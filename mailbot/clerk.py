@@ -226,7 +226,7 @@ def _notice(session: Session, message: int, mail: ParsedMail, inquiry: int | Non
         sender_name=rules.office.name.ar, sender=rules.office.address, recipient=reply.clean_address(mail.sender or ""),
         subject=reply.clean_header(f"{prefix}لم يُنفَّذ / Not applied: {mail.subject}")[: reply.MAX_SUBJECT],
         message_id=reply.make_message_id(inquiry or 0, "clerk_notice", rules),
-        text=text, html=f'<html><body><pre dir="auto">{html.escape(text)}</pre></body></html>',
+        text=text, html=f'<html dir="rtl" lang="ar"><body><pre dir="auto">{html.escape(text)}</pre></body></html>',
         template="clerk_notice", language="ar", auto_submitted=reply.AUTO_REPLIED,
         in_reply_to=mail.message_id, references=reply.thread_references(mail.references, mail.message_id),
     )
