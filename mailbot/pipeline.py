@@ -65,7 +65,9 @@ class Outcome:
     department: str | None
     rule: str
     action: str
+    inquiry: int | None = None
     reply: str | None = None
+    reason: str | None = None  # why nothing (more) was sent, for the log line
 
 
 @dataclass(frozen=True)
@@ -90,7 +92,9 @@ def run_stages(session: Session, rules: Rules, mail: Pending, now: datetime, tem
     understanding = understand(parsed, rules)
     if understanding.kind == "clerk_reply":
         result = clerk.handle_clerk_reply(session, mail.id, understanding, rules, now, templates_dir=templates_dir)
-        department, rule, action, sent = rules.clerk_department(parsed.sender), "clerk", result.action, None
+        department, rule, action, inquiry, sent = (rules.clerk_department(parsed.sender), "clerk", result.action,
+                                                   result.inquiry, None)
+        reason = "; ".join(result.errors) or None
     else:
         existing = inquiries.followed_inquiry(session, understanding)
         known = transactions.known_transactions(session.connection(), understanding.numbers)
@@ -100,11 +104,13 @@ def run_stages(session: Session, rules: Rules, mail: Pending, now: datetime, tem
             session, mail.id, understanding, decision, shown, rules, now, existing=existing,
             templates_dir=templates_dir,
         )
-        department, rule, action, sent = decision.department, decision.rule, handled.action, handled.reply
+        department, rule, action, inquiry, sent = (decision.department, decision.rule, handled.action,
+                                                   handled.inquiry, handled.reply)
+        reason = handled.reason
     return Outcome(
         subject=parsed.subject, sender=(parsed.sender or "")[:998] or None,
         sent_date=parsed.date, kind=understanding.kind, language=understanding.language,
-        department=department, rule=rule, action=action, reply=sent,
+        department=department, rule=rule, action=action, inquiry=inquiry, reply=sent, reason=reason,
     )
 
 
@@ -139,9 +145,9 @@ def process_message(engine: Engine, rules: Rules, mail: Pending, templates_dir: 
                       error.__class__.__name__, error)
         store.quarantine(engine, mail.id, describe_error(error))
         return False
-    log.info("message_id=%s mail=%s kind=%s language=%s department=%s rule=%s action=%s reply=%s",
+    log.info("message_id=%s mail=%s kind=%s language=%s department=%s rule=%s action=%s inquiry=%s reply=%s%s",
              mail.message_id, mail.id, outcome.kind, outcome.language, outcome.department, outcome.rule,
-             outcome.action, outcome.reply)
+             outcome.action, outcome.inquiry, outcome.reply, f" reason={outcome.reason}" if outcome.reason else "")
     return True
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import sys
 import uuid
+from datetime import datetime
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Iterator
@@ -18,9 +19,9 @@ import psycopg
 import pytest
 from sqlalchemy.engine import Engine
 
-from mailbot import db, parse
+from mailbot import db, parse, pipeline, store
 from mailbot.rules import Rules, load_rules
-from mailbot.settings import SHIPPED_RULES
+from mailbot.settings import SHIPPED_RULES, SHIPPED_TEMPLATES
 
 from dovecot import dovecot  # noqa: E402,F401 - the private Dovecot fixture (tests/dovecot.py)
 from smtpsink import smtp_sink  # noqa: E402,F401 - the relay sink fixture (tests/smtpsink.py)
@@ -96,3 +97,12 @@ def exploding_parse(monkeypatch: pytest.MonkeyPatch) -> SimpleNamespace:
 
     monkeypatch.setattr(parse, "parse_mail", exploding)
     return SimpleNamespace(repair=lambda: monkeypatch.setattr(parse, "parse_mail", real_parse))
+
+
+def process_stored(engine: Engine, rules: Rules, raw: bytes, now: datetime | None = None) -> pipeline.Outcome:
+    """Store ``raw`` and run the pipeline's stages on it in one transaction, as a worker does
+    (without marking it processed); ``now`` is the time the stages see."""
+    stored = store.store_raw(engine, raw, origin="cli")
+    with db.session(engine) as session:
+        return pipeline.run_stages(session, rules, pipeline.Pending(stored.id, None), now or db.utcnow(),
+                                   SHIPPED_TEMPLATES)

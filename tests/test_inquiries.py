@@ -12,13 +12,13 @@ from sqlalchemy import func, select
 from sqlalchemy.engine import Engine
 
 from mailbot import db, inquiries, store
-from mailbot.disclose import disclosed
 from mailbot.models import Inquiry, InquiryEvent, Outbox, Subscription, Undeliverable
 from mailbot.parse import parse_mail
-from mailbot.route import Decision, route
-from mailbot.transactions import import_csv, known_transactions
+from mailbot.pipeline import Outcome
+from mailbot.route import Decision
+from mailbot.transactions import import_csv
 from mailbot.understand import understand
-from conftest import CORPUS
+from conftest import CORPUS, process_stored
 
 SAMPLES = CORPUS / "samples"
 NOW = datetime(2026, 11, 23, 9, 0, tzinfo=timezone.utc)
@@ -32,17 +32,8 @@ def office(engine: Engine, rules) -> Engine:
     return engine
 
 
-def handle(engine: Engine, rules, raw: bytes, now: datetime = NOW) -> inquiries.Handled:
-    """What the pipeline does for one stored mail: understand, route, disclose, handle — one transaction."""
-    stored = store.store_raw(engine, raw, origin="cli")
-    understanding = understand(parse_mail(raw), rules)
-    known = known_transactions(engine, [found.number for found in understanding.transactions])
-    with db.session(engine) as session:
-        existing = inquiries.followed_inquiry(session, understanding)
-        decision = route(understanding, rules, known, existing.department if existing else None)
-        shown = disclosed(understanding, rules, known)
-        return inquiries.handle_understood(session, stored.id, understanding, decision, shown, rules, now,
-                                           existing=existing)
+def handle(engine: Engine, rules, raw: bytes, now: datetime = NOW) -> Outcome:
+    return process_stored(engine, rules, raw, now)
 
 
 def outbox_rows(engine: Engine) -> list:
