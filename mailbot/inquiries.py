@@ -30,7 +30,7 @@ import re
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 from sqlalchemy import bindparam, func, insert, select
 from sqlmodel import Session
@@ -148,6 +148,34 @@ def _add_event(session: Session, inquiry: int, kind: str, message: int, author: 
     return True
 
 
+@dataclass(frozen=True)
+class Opening:
+    """A new inquiry made from reads alone (plan_opening): what write_opening writes."""
+
+    message: int  # the mail's row id, and the reference the inquiry takes when it is free
+    values: dict[str, Any]  # the inquiry row, without its id
+    forward: reply.OutgoingMail
+    ack: reply.OutgoingMail | None  # None when loop safety forbids one (``blocked`` says why)
+    blocked: str | None
+    template: str
+    disclosed: tuple[str, ...]
+    author: str | None
+    text: str | None
+    compose: Callable[[int], tuple[reply.OutgoingMail, reply.OutgoingMail | None]]  # again, for another reference
+
+    @property
+    def sender(self) -> str:
+        return self.values["sender"]
+
+
+def opens_inquiry(understanding: Understanding, existing: Inquiry | None) -> bool:
+    """True when handle_understood opens a new inquiry for this mail."""
+    kind = understanding.kind
+    if kind == "bounce" or kind in NEVER_ANSWERED_KINDS or kind == "clerk_reply":
+        return False
+    return kind != "followup" or existing is None
+
+
 def open_inquiry(
     session: Session,
     message_row_id: int,
@@ -165,6 +193,24 @@ def open_inquiry(
     ``understanding``: understand.Understanding; ``decision``: route.Decision (department, rule,
     priority, tag, no_auto_reply); ``disclosed``: disclose.disclosed(...), the numbers whose
     status this sender may see.
+    """
+    opening = plan_opening(session, message_row_id, understanding, decision, disclosed, rules, now,
+                           templates_dir=templates_dir)
+    return write_opening(session, opening, now)
+
+
+def plan_opening(
+    session: Session,
+    message_row_id: int,
+    understanding: Understanding,
+    decision: Decision,
+    disclosed: Sequence[str],
+    rules: Rules,
+    now: datetime,
+    *,
+    templates_dir: Path = SHIPPED_TEMPLATES,
+) -> Opening:
+    """open_inquiry's reads and both mails, composed; nothing is written.
 
     The inquiry's reference is the number of the mail that opened it (one inquiry per
     mail), so both mails are composed from reads alone before anything is written: on
@@ -220,14 +266,22 @@ def open_inquiry(
         )
         return forward, ack
 
-    inquiry_id = message_row_id
-    forward, ack = compose(inquiry_id)
+    forward, ack = compose(message_row_id)
     values = {
         "message": message_row_id, "department": department.id, "rule": decision.rule,
         "language": understanding.language, "state": "open", "sender": sender, "sender_name": sender_name,
         "subject": parsed.subject, "transactions": " ".join(numbers), "priority": decision.priority,
         "tag": decision.tag, "created_at": now, "due_at": due_at, "escalation_level": 0,
     }
+    return Opening(message=message_row_id, values=values, forward=forward, ack=ack, blocked=blocked,
+                   template=template, disclosed=tuple(disclosed), author=parsed.sender,
+                   text=understanding.new_text, compose=compose)
+
+
+def write_opening(session: Session, opening: Opening, now: datetime) -> Handled:
+    """Write a planned inquiry with its forward and acknowledgement (the writes of open_inquiry)."""
+    message_row_id, values = opening.message, opening.values
+    inquiry_id, forward, ack = message_row_id, opening.forward, opening.ack
     if not _insert_inquiry(session, {"id": inquiry_id, **values}):
         opened = session.execute(select(Inquiry.id).where(Inquiry.message == message_row_id)).scalar_one_or_none()
         if opened is not None:
@@ -236,19 +290,19 @@ def open_inquiry(
         inquiry_id = _insert_with_free_id(session, values)
         log.info("mail=%s reference %s was taken by an older inquiry: inquiry=%s", message_row_id,
                  message_row_id, inquiry_id)
-        forward, ack = compose(inquiry_id)
+        forward, ack = opening.compose(inquiry_id)
     # A new inquiry has no events yet: no need to look for this one first (nor to build an ORM object).
     session.execute(_INSERT_EVENT, {"inquiry": inquiry_id, "kind": "citizen", "message": message_row_id,
-                                    "author": parsed.sender, "text": understanding.new_text, "at": now})
-    queue.enqueue_opened(session, inquiry_id, department.id, forward)
+                                    "author": opening.author, "text": opening.text, "at": now})
+    queue.enqueue_opened(session, inquiry_id, values["department"], forward)
     if ack is None:
-        log.info("mail=%s inquiry=%s no acknowledgement: %s", message_row_id, inquiry_id, blocked)
-        return Handled("opened", inquiry_id, reason=blocked)
+        log.info("mail=%s inquiry=%s no acknowledgement: %s", message_row_id, inquiry_id, opening.blocked)
+        return Handled("opened", inquiry_id, reason=opening.blocked)
     outbox.enqueue(session, ack, key=f"ack:{message_row_id}", inquiry=inquiry_id, now=now)
-    if template == "ack_status":
-        for number in disclosed:
-            notify.subscribe(session, number, parsed.sender, understanding.language, inquiry_id)
-    return Handled("opened", inquiry_id, reply=template)
+    if opening.template == "ack_status":
+        for number in opening.disclosed:
+            notify.subscribe(session, number, opening.author or "", values["language"], inquiry_id)
+    return Handled("opened", inquiry_id, reply=opening.template)
 
 
 def _insert_inquiry(session: Session, values: dict[str, Any]) -> bool:
@@ -361,10 +415,10 @@ def handle_understood(
         return record_bounce(session, message_row_id, understanding, now)
     if kind in NEVER_ANSWERED_KINDS or kind == "clerk_reply":
         return Handled("ignored", reason=f"kind {kind} is never answered automatically")
+    if kind == "followup" and existing is not None:
+        return join_followup(session, existing, message_row_id, understanding, rules, now,
+                             templates_dir=templates_dir)
     if kind == "followup":
-        if existing is not None:
-            return join_followup(session, existing, message_row_id, understanding, rules, now,
-                                 templates_dir=templates_dir)
         log.info("mail=%s follow-up of an unknown inquiry: handled as a new inquiry", message_row_id)
     return open_inquiry(
         session, message_row_id, understanding, decision, disclosed, rules, now, templates_dir=templates_dir

@@ -16,7 +16,7 @@ from datetime import datetime
 from email.parser import BytesHeaderParser
 from email.policy import compat32
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from sqlalchemy import bindparam, select, text
 from sqlalchemy.engine import Connection, Engine
@@ -28,7 +28,8 @@ from mailbot.models import QUARANTINED, RECEIVED, Message
 from mailbot.route import route
 from mailbot.rules import Rules
 from mailbot.settings import SHIPPED_TEMPLATES
-from mailbot.understand import understand
+from mailbot.parse import ParsedMail
+from mailbot.understand import Understanding, understand
 
 log = logging.getLogger(__name__)
 
@@ -86,32 +87,68 @@ class Quarantined:
         return self.reason.splitlines()[0] if self.reason else ""
 
 
-def run_stages(session: Session, rules: Rules, mail: Pending, now: datetime, templates_dir: Path) -> Outcome:
-    """parse -> understand -> route/disclose -> act (inquiry, follow-up, clerk reply, bounce), in one transaction."""
+@dataclass(frozen=True)
+class Staged:
+    """A mail read, understood and routed, with its writes still to do (``act``).
+
+    ``opening`` is set for a new inquiry, composed already: its writes are a few
+    inserts, which _process_group commits together with other mails' on SQLite.
+    """
+
+    parsed: ParsedMail
+    understanding: Understanding
+    department: str | None
+    rule: str
+    act: Callable[[Session], tuple[str, int | None, str | None, str | None]]  # action, inquiry, reply, reason
+    opening: inquiries.Opening | None = None
+
+
+def stage(session: Session, rules: Rules, mail: Pending, now: datetime, templates_dir: Path) -> Staged:
+    """parse -> understand -> route/disclose, and for a new inquiry its mails composed: reads only."""
     parsed = parse.parse_mail(store.read_raw(session.connection(), mail.id))
     understanding = understand(parsed, rules)
     if understanding.kind == "clerk_reply":
-        result = clerk.handle_clerk_reply(session, mail.id, understanding, rules, now, templates_dir=templates_dir)
-        department, rule, action, inquiry, sent = (rules.clerk_department(parsed.sender), "clerk", result.action,
-                                                   result.inquiry, None)
-        reason = "; ".join(result.errors) or None
-    else:
-        existing = inquiries.followed_inquiry(session, understanding)
-        known = transactions.known_transactions(session.connection(), understanding.numbers)
-        decision = route(understanding, rules, known, existing.department if existing is not None else None)
-        shown = disclosed(understanding, rules, known) if existing is None else []
-        handled = inquiries.handle_understood(
-            session, mail.id, understanding, decision, shown, rules, now, existing=existing,
-            templates_dir=templates_dir,
-        )
-        department, rule, action, inquiry, sent = (decision.department, decision.rule, handled.action,
-                                                   handled.inquiry, handled.reply)
-        reason = handled.reason
+        def clerk_act(writer: Session) -> tuple[str, int | None, str | None, str | None]:
+            result = clerk.handle_clerk_reply(writer, mail.id, understanding, rules, now, templates_dir=templates_dir)
+            return result.action, result.inquiry, None, "; ".join(result.errors) or None
+
+        return Staged(parsed, understanding, rules.clerk_department(parsed.sender), "clerk", clerk_act)
+    existing = inquiries.followed_inquiry(session, understanding)
+    known = transactions.known_transactions(session.connection(), understanding.numbers)
+    decision = route(understanding, rules, known, existing.department if existing is not None else None)
+    shown = disclosed(understanding, rules, known) if existing is None else []
+    if inquiries.opens_inquiry(understanding, existing):
+        opening = inquiries.plan_opening(session, mail.id, understanding, decision, shown, rules, now,
+                                         templates_dir=templates_dir)
+
+        def open_act(writer: Session) -> tuple[str, int | None, str | None, str | None]:
+            handled = inquiries.write_opening(writer, opening, now)
+            return handled.action, handled.inquiry, handled.reply, handled.reason
+
+        return Staged(parsed, understanding, decision.department, decision.rule, open_act, opening)
+
+    def act(writer: Session) -> tuple[str, int | None, str | None, str | None]:
+        handled = inquiries.handle_understood(writer, mail.id, understanding, decision, shown, rules, now,
+                                              existing=existing, templates_dir=templates_dir)
+        return handled.action, handled.inquiry, handled.reply, handled.reason
+
+    return Staged(parsed, understanding, decision.department, decision.rule, act)
+
+
+def finish(session: Session, staged: Staged) -> Outcome:
+    """Do a staged mail's writes (inquiry, follow-up, clerk reply, bounce) in ``session``."""
+    action, inquiry, sent, reason = staged.act(session)
+    parsed, understanding = staged.parsed, staged.understanding
     return Outcome(
         subject=parsed.subject, sender=(parsed.sender or "")[:998] or None,
         sent_date=parsed.date, kind=understanding.kind, language=understanding.language,
-        department=department, rule=rule, action=action, inquiry=inquiry, reply=sent, reason=reason,
+        department=staged.department, rule=staged.rule, action=action, inquiry=inquiry, reply=sent, reason=reason,
     )
+
+
+def run_stages(session: Session, rules: Rules, mail: Pending, now: datetime, templates_dir: Path) -> Outcome:
+    """parse -> understand -> route/disclose -> act (inquiry, follow-up, clerk reply, bounce), in one transaction."""
+    return finish(session, stage(session, rules, mail, now, templates_dir))
 
 
 def describe_error(error: BaseException) -> str:
@@ -130,11 +167,7 @@ def process_message(engine: Engine, rules: Rules, mail: Pending, templates_dir: 
     """
     try:
         with db.session(engine) as session:
-            outcome = run_stages(session, rules, mail, db.utcnow(), templates_dir)
-            store.mark_processed(
-                session, mail.id, subject=outcome.subject, sender=outcome.sender, sent_date=outcome.sent_date,
-                kind=outcome.kind, language=outcome.language,
-            )
+            outcome = _mark(session, mail, run_stages(session, rules, mail, db.utcnow(), templates_dir))
     except parse.ParseError as error:
         # Expected for junk: the reason (with traceback) is in the quarantine, the log needs one line.
         log.warning("message_id=%s mail=%s unparseable: %s", mail.message_id, mail.id, error)
@@ -145,10 +178,68 @@ def process_message(engine: Engine, rules: Rules, mail: Pending, templates_dir: 
                       error.__class__.__name__, error)
         store.quarantine(engine, mail.id, describe_error(error))
         return False
+    _log(mail, outcome)
+    return True
+
+
+def _mark(session: Session, mail: Pending, outcome: Outcome) -> Outcome:
+    store.mark_processed(
+        session, mail.id, subject=outcome.subject, sender=outcome.sender, sent_date=outcome.sent_date,
+        kind=outcome.kind, language=outcome.language,
+    )
+    return outcome
+
+
+def _log(mail: Pending, outcome: Outcome) -> None:
     log.info("message_id=%s mail=%s kind=%s language=%s department=%s rule=%s action=%s inquiry=%s reply=%s%s",
              mail.message_id, mail.id, outcome.kind, outcome.language, outcome.department, outcome.rule,
              outcome.action, outcome.inquiry, outcome.reply, f" reason={outcome.reason}" if outcome.reason else "")
-    return True
+
+
+def _process_group(engine: Engine, rules: Rules, mails: list[Pending], templates_dir: Path) -> int:
+    """SQLite: process the leading ``mails`` in ONE transaction (group commit); returns how many (>= 1).
+
+    SQLite has one writer, and each commit writes the same index pages again: the
+    new inquiries are read, understood and composed first (reads only), then all
+    their inserts are committed at once.  The group ends before a mail that is not
+    a plain new inquiry (a follow-up, a clerk's mail, a bounce), before a second
+    mail from the same sender (its daily limit must see the first acknowledgement)
+    and before a mail that fails; such a mail, first in line, is processed alone,
+    as process_message does.  When the writes fail, nothing of the group is
+    committed and each of its mails is processed on its own, where a failure is
+    quarantined with its reason.
+    """
+    group: list[tuple[Pending, Staged]] = []
+    senders: set[str] = set()
+    now = db.utcnow()
+    outcomes: list[tuple[Pending, Outcome]] | None = None
+    try:
+        with db.session(engine) as session:
+            for mail in mails:
+                try:
+                    staged = stage(session, rules, mail, now, templates_dir)
+                except Exception:  # noqa: BLE001 - processed alone below, and quarantined there
+                    break
+                if staged.opening is not None and staged.opening.sender not in senders:
+                    senders.add(staged.opening.sender)
+                    group.append((mail, staged))
+                    continue
+                if not group:
+                    group.append((mail, staged))  # a mail of another kind, first in line: alone
+                break
+            outcomes = [(mail, _mark(session, mail, finish(session, staged))) for mail, staged in group]
+    except Exception as error:  # noqa: BLE001 - each mail again on its own, where a failure is quarantined
+        if len(group) > 1:
+            log.warning("%s mails processed together were not committed (%s: %s); processing them one by one",
+                        len(group), error.__class__.__name__, error)
+    if not outcomes:
+        alone = [mail for mail, _staged in group] or mails[:1]
+        for mail in alone:
+            process_message(engine, rules, mail, templates_dir)
+        return len(alone)
+    for mail, outcome in outcomes:
+        _log(mail, outcome)
+    return len(outcomes)
 
 
 def process_pending(engine: Engine, rules: Rules, limit: int | None = None,
@@ -178,7 +269,8 @@ def process_pending(engine: Engine, rules: Rules, limit: int | None = None,
 def _process_share(engine: Engine, rules: Rules, limit: int | None, templates_dir: Path,
                    share: tuple[int, int]) -> int:
     """SQLite: workers split the mail by ``share`` and hold no lock, so the pending
-    ids are read a batch at a time (one query, not one per mail)."""
+    ids are read a batch at a time (one query, not one per mail), and the batch's
+    new inquiries are committed in groups (_process_group)."""
     done = 0
     after = 0
     while limit is None or done < limit:
@@ -189,8 +281,9 @@ def _process_share(engine: Engine, rules: Rules, limit: int | None, templates_di
             )]
         if not batch:
             break
-        for mail in batch:
-            process_message(engine, rules, mail, templates_dir)
+        position = 0
+        while position < len(batch):
+            position += _process_group(engine, rules, batch[position:], templates_dir)
         done += len(batch)
         after = batch[-1].id
     return done

@@ -12,10 +12,10 @@ from email.message import EmailMessage
 from typing import Iterator
 
 import pytest
-from sqlalchemy import select, text
+from sqlalchemy import event, select, text
 from sqlalchemy.engine import Engine
 
-from mailbot import db, pipeline, store
+from mailbot import db, inquiries, pipeline, store
 from mailbot.intake.smtp import IngressServer
 from mailbot.models import Message, MessageRaw
 from mailbot.rules import Rules
@@ -155,8 +155,9 @@ def test_an_exception_in_a_stage_quarantines_and_the_worker_goes_on(engine: Engi
 
 def test_pending_mail_is_taken_in_id_order_up_to_the_limit(engine: Engine, rules: Rules, monkeypatch):
     seen: list[int] = []
-    real = pipeline.process_message
-    monkeypatch.setattr(pipeline, "process_message", lambda e, r, mail, t: (seen.append(mail.id), real(e, r, mail, t))[1])
+    real = store.mark_processed
+    monkeypatch.setattr(store, "mark_processed", lambda session, message, **values: (
+        seen.append(message), real(session, message, **values))[1])
     ids = [store.store_raw(engine, ARABIC.replace(b"ok@", f"n{n}@".encode()), origin="smtp").id for n in range(5)]
     assert pipeline.process_pending(engine, rules, limit=3) == 3
     assert seen == ids[:3]
@@ -224,3 +225,83 @@ def test_header_summary_decodes_arabic_and_survives_garbage():
     ]
     assert pipeline.summarise_headers(RAW_8BIT_HEADERS)[1] == ("Subject", "استفسار عن معاملة")
     assert pipeline.summarise_headers(RANDOM_BYTES) == []
+
+
+def citizen(sender: str, number: int, subject: str | None = None) -> bytes:
+    """A mail from ``sender`` with its own Message-ID (a new inquiry unless ``subject`` says otherwise)."""
+    raw = ARABIC.replace(b"citizen@example.com", sender.encode()).replace(b"<ok@", f"<m{number}@".encode())
+    if subject is not None:
+        raw = raw.replace(b"=?utf-8?b?2KfYs9iq2YHYs9in2LEg2LnZhiDZhdi52KfZhdmE2Kk=?=", subject.encode())
+    return raw
+
+
+def acks(engine: Engine) -> list[str]:
+    with engine.connect() as connection:
+        return list(connection.execute(text("SELECT recipient FROM outbox WHERE key LIKE 'ack:%' ORDER BY id")).scalars())
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_new_inquiries_of_different_senders_are_committed_together(engine: Engine, rules: Rules) -> None:
+    """SQLite's group commit: one transaction for the batch of new inquiries, each still complete."""
+    for number in range(6):
+        store.store_raw(engine, citizen(f"c{number}@example.com", number), origin="smtp")
+    commits: list[int] = []
+    event.listen(engine, "commit", lambda connection: commits.append(1))
+
+    assert pipeline.process_pending(engine, rules) == 6
+    assert len(commits) == 1
+    assert store.count_by_state(engine)["processed"] == 6
+    assert sorted(acks(engine)) == [f"c{number}@example.com" for number in range(6)]
+    with engine.connect() as connection:
+        assert connection.execute(text("SELECT count(*) FROM outbox WHERE template = 'queue_forward'")).scalar() == 6
+
+
+def test_one_sender_writing_many_times_at_once_still_meets_the_daily_limit(engine: Engine, rules: Rules) -> None:
+    """A group never holds two mails of one sender: the limit counts the acknowledgement before."""
+    for number in range(8):
+        store.store_raw(engine, citizen("flood@example.com" if number % 2 else f"c{number}@example.com", number),
+                        origin="smtp")
+    for number in range(8, 12):
+        store.store_raw(engine, citizen("flood@example.com", number), origin="smtp")
+
+    assert pipeline.process_pending(engine, rules) == 12
+    sent = acks(engine)
+    assert sent.count("flood@example.com") == rules.policy.max_auto_replies_per_day == 5
+    assert sorted(set(sent) - {"flood@example.com"}) == ["c0@example.com", "c2@example.com", "c4@example.com",
+                                                         "c6@example.com"]
+    assert store.count_by_state(engine)["processed"] == 12
+
+
+def test_a_follow_up_between_new_inquiries_joins_its_inquiry_in_order(engine: Engine, rules: Rules) -> None:
+    first = store.store_raw(engine, citizen("a@example.com", 1), origin="smtp").id
+    assert pipeline.process_pending(engine, rules) == 1
+    store.store_raw(engine, citizen("b@example.com", 2), origin="smtp")
+    store.store_raw(engine, citizen("a@example.com", 3, subject=f"Re: [INQ-{first:06d}]"), origin="smtp")
+    store.store_raw(engine, citizen("c@example.com", 4), origin="smtp")
+
+    assert pipeline.process_pending(engine, rules) == 3
+    with engine.connect() as connection:
+        inquiries = connection.execute(text("SELECT sender FROM inquiry ORDER BY id")).scalars().all()
+        events = connection.execute(text("SELECT inquiry, kind FROM inquiry_event ORDER BY id")).all()
+    assert inquiries == ["a@example.com", "b@example.com", "c@example.com"]
+    assert (first, "followup") in [tuple(event) for event in events]
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_when_a_group_cannot_be_written_each_mail_is_processed_alone(engine: Engine, rules: Rules,
+                                                                     monkeypatch) -> None:
+    ids = [store.store_raw(engine, citizen(f"c{number}@example.com", number), origin="smtp").id
+           for number in range(4)]
+    real = inquiries.write_opening
+
+    def failing_for_the_third(session, opening, now):  # noqa: ANN001
+        if opening.message == ids[2]:
+            raise RuntimeError("constraint broken on purpose")
+        return real(session, opening, now)
+
+    monkeypatch.setattr(inquiries, "write_opening", failing_for_the_third)
+    assert pipeline.process_pending(engine, rules) == 4
+    states = {mail: row(engine, mail).state for mail in ids}
+    assert states == {ids[0]: "processed", ids[1]: "processed", ids[2]: "quarantined", ids[3]: "processed"}
+    assert row(engine, ids[2]).reason.startswith("RuntimeError: constraint broken on purpose")
+    assert sorted(acks(engine)) == ["c0@example.com", "c1@example.com", "c3@example.com"]
