@@ -1,15 +1,16 @@
 """Inquiries: open one with its acknowledgement, join follow-ups, never feed a mail loop.
 
-The pipeline calls ONE function for every understood mail except a clerk's
-(clerk replies go to ``clerk.handle_clerk_reply``)::
+For every understood mail except a clerk's (``clerk.handle_clerk_reply``) the
+pipeline calls::
 
     handle_understood(session, message_row_id, understanding, decision, disclosed, rules, now,
                       existing=followed_inquiry(session, understanding),
                       templates_dir=settings.templates_dir) -> Handled
 
-inside the transaction that marks the mail processed, so the inquiry, its
-acknowledgement in the outbox and the thread event commit together or not at
-all.  A new inquiry is forwarded to its department's queue
+or, for a mail that ``opens_inquiry``, its two halves: ``plan_opening`` (reads,
+both mails composed) and ``write_opening``; always inside the transaction that
+marks the mail processed, so the inquiry, its acknowledgement in the outbox and
+the thread event commit together or not at all.  A new inquiry is forwarded to its department's queue
 (``queue.forward_to_queue``) in the same transaction.  Processing the same mail
 twice gives one inquiry and one reply: the inquiry is unique per mail and the
 acknowledgement's outbox key is ``ack:<message row id>``.
@@ -176,29 +177,6 @@ def opens_inquiry(understanding: Understanding, existing: Inquiry | None) -> boo
     return kind != "followup" or existing is None
 
 
-def open_inquiry(
-    session: Session,
-    message_row_id: int,
-    understanding: Understanding,
-    decision: Decision,
-    disclosed: Sequence[str],
-    rules: Rules,
-    now: datetime,
-    *,
-    templates_dir: Path = SHIPPED_TEMPLATES,
-) -> Handled:
-    """Create the inquiry, its queue_forward to the department's clerks and, unless loop safety
-    forbids it, its acknowledgement — one transaction.
-
-    ``understanding``: understand.Understanding; ``decision``: route.Decision (department, rule,
-    priority, tag, no_auto_reply); ``disclosed``: disclose.disclosed(...), the numbers whose
-    status this sender may see.
-    """
-    opening = plan_opening(session, message_row_id, understanding, decision, disclosed, rules, now,
-                           templates_dir=templates_dir)
-    return write_opening(session, opening, now)
-
-
 def plan_opening(
     session: Session,
     message_row_id: int,
@@ -210,7 +188,11 @@ def plan_opening(
     *,
     templates_dir: Path = SHIPPED_TEMPLATES,
 ) -> Opening:
-    """open_inquiry's reads and both mails, composed; nothing is written.
+    """A new inquiry, its queue_forward to the department's clerks and, unless loop safety
+    forbids it, its acknowledgement, composed from reads: write_opening writes them, in one
+    transaction.  ``decision``: route.Decision (department, rule, priority, tag,
+    no_auto_reply); ``disclosed``: disclose.disclosed(...), the numbers whose status this
+    sender may see.
 
     The inquiry's reference is the number of the mail that opened it (one inquiry per
     mail), so both mails are composed from reads alone before anything is written: on
@@ -279,7 +261,7 @@ def plan_opening(
 
 
 def write_opening(session: Session, opening: Opening, now: datetime) -> Handled:
-    """Write a planned inquiry with its forward and acknowledgement (the writes of open_inquiry)."""
+    """Write a planned inquiry with its forward and acknowledgement."""
     message_row_id, values = opening.message, opening.values
     inquiry_id, forward, ack = message_row_id, opening.forward, opening.ack
     if not _insert_inquiry(session, {"id": inquiry_id, **values}):
@@ -420,6 +402,6 @@ def handle_understood(
                              templates_dir=templates_dir)
     if kind == "followup":
         log.info("mail=%s follow-up of an unknown inquiry: handled as a new inquiry", message_row_id)
-    return open_inquiry(
-        session, message_row_id, understanding, decision, disclosed, rules, now, templates_dir=templates_dir
-    )
+    opening = plan_opening(session, message_row_id, understanding, decision, disclosed, rules, now,
+                           templates_dir=templates_dir)
+    return write_opening(session, opening, now)

@@ -235,8 +235,10 @@ def test_unanswerable_senders_get_an_inquiry_but_no_ack(sqlite_url: str, rules, 
     understanding = understand(mail, rules)
     stored = store.store_raw(engine, citizen_mail(sender, "x", "y"), origin="cli")
     with db.session(engine) as session:
-        handled = inquiries.open_inquiry(session, stored.id, understanding, Decision("general", "fallback"), [],
+        # Straight to the opening: classify would call some of these senders' mail a bounce.
+        opening = inquiries.plan_opening(session, stored.id, understanding, Decision("general", "fallback"), [],
                                          rules, NOW)
+        handled = inquiries.write_opening(session, opening, NOW)
 
     assert handled.reason == reason
     assert handled.inquiry is not None and handled.reply is None
@@ -255,8 +257,9 @@ def test_no_auto_reply_rule_opens_without_ack(sqlite_url: str, rules) -> None:
     raw = citizen_mail("x@example.com", "Question", "Hello")
     stored = store.store_raw(engine, raw, origin="cli")
     with db.session(engine) as session:
-        handled = inquiries.open_inquiry(session, stored.id, understand(parse_mail(raw), rules),
-                                         Decision("general", "vip", no_auto_reply=True), [], rules, NOW)
+        handled = inquiries.handle_understood(session, stored.id, understand(parse_mail(raw), rules),
+                                              Decision("general", "vip", no_auto_reply=True), [], rules, NOW,
+                                              existing=None)
     assert handled.reason == "rule vip says no_auto_reply"
     assert outbox_rows(engine) == []
 
