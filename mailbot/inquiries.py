@@ -62,7 +62,8 @@ _TRANSACTION_ROWS = select(_transactions.c.number, _transactions.c.status, _tran
 
 @dataclass(frozen=True)
 class Handled:
-    """What became of one mail: ``action`` is opened | joined | reopened | ignored | bounce."""
+    """What became of one mail: ``action`` is opened | joined | reopened | ignored | bounce
+    (for a clerk's mail the pipeline carries clerk.ClerkOutcome's action in it)."""
 
     action: str
     inquiry: int | None = None

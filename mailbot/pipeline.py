@@ -99,7 +99,7 @@ class Staged:
     understanding: Understanding
     department: str | None
     rule: str
-    act: Callable[[Session], tuple[str, int | None, str | None, str | None]]  # action, inquiry, reply, reason
+    act: Callable[[Session], inquiries.Handled]
     opening: inquiries.Opening | None = None
 
 
@@ -108,9 +108,9 @@ def stage(session: Session, rules: Rules, mail: Pending, now: datetime, template
     parsed = parse.parse_mail(store.read_raw(session.connection(), mail.id))
     understanding = understand(parsed, rules)
     if understanding.kind == "clerk_reply":
-        def clerk_act(writer: Session) -> tuple[str, int | None, str | None, str | None]:
+        def clerk_act(writer: Session) -> inquiries.Handled:
             result = clerk.handle_clerk_reply(writer, mail.id, understanding, rules, now, templates_dir=templates_dir)
-            return result.action, result.inquiry, None, "; ".join(result.errors) or None
+            return inquiries.Handled(result.action, result.inquiry, reason="; ".join(result.errors) or None)
 
         return Staged(parsed, understanding, rules.clerk_department(parsed.sender), "clerk", clerk_act)
     existing = inquiries.followed_inquiry(session, understanding)
@@ -120,29 +120,22 @@ def stage(session: Session, rules: Rules, mail: Pending, now: datetime, template
     if inquiries.opens_inquiry(understanding, existing):
         opening = inquiries.plan_opening(session, mail.id, understanding, decision, shown, rules, now,
                                          templates_dir=templates_dir)
-
-        def open_act(writer: Session) -> tuple[str, int | None, str | None, str | None]:
-            handled = inquiries.write_opening(writer, opening, now)
-            return handled.action, handled.inquiry, handled.reply, handled.reason
-
-        return Staged(parsed, understanding, decision.department, decision.rule, open_act, opening)
-
-    def act(writer: Session) -> tuple[str, int | None, str | None, str | None]:
-        handled = inquiries.handle_understood(writer, mail.id, understanding, decision, shown, rules, now,
-                                              existing=existing, templates_dir=templates_dir)
-        return handled.action, handled.inquiry, handled.reply, handled.reason
-
-    return Staged(parsed, understanding, decision.department, decision.rule, act)
+        return Staged(parsed, understanding, decision.department, decision.rule,
+                      lambda writer: inquiries.write_opening(writer, opening, now), opening)
+    return Staged(parsed, understanding, decision.department, decision.rule,
+                  lambda writer: inquiries.handle_understood(writer, mail.id, understanding, decision, shown, rules,
+                                                             now, existing=existing, templates_dir=templates_dir))
 
 
 def finish(session: Session, staged: Staged) -> Outcome:
     """Do a staged mail's writes (inquiry, follow-up, clerk reply, bounce) in ``session``."""
-    action, inquiry, sent, reason = staged.act(session)
+    handled = staged.act(session)
     parsed, understanding = staged.parsed, staged.understanding
     return Outcome(
         subject=parsed.subject, sender=(parsed.sender or "")[:998] or None,
         sent_date=parsed.date, kind=understanding.kind, language=understanding.language,
-        department=staged.department, rule=staged.rule, action=action, inquiry=inquiry, reply=sent, reason=reason,
+        department=staged.department, rule=staged.rule, action=handled.action, inquiry=handled.inquiry,
+        reply=handled.reply, reason=handled.reason,
     )
 
 
