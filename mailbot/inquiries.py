@@ -171,7 +171,9 @@ class Opening:
 
 
 def opens_inquiry(understanding: Understanding, existing: Inquiry | None) -> bool:
-    """True when handle_understood opens a new inquiry for this mail."""
+    """True when this mail opens a new inquiry: not a bounce, robot or clerk mail, and not a
+    follow-up of an inquiry we have (the one place that decides, for handle_understood and
+    the pipeline's group commit)."""
     kind = understanding.kind
     if kind == "bounce" or kind in NEVER_ANSWERED_KINDS or kind == "clerk_reply":
         return False
@@ -202,6 +204,8 @@ def plan_opening(
     that opened no inquiry (follow-ups, clerk answers, bounces).
     """
     parsed = understanding.mail
+    if understanding.kind == "followup":
+        log.info("mail=%s follow-up of an unknown inquiry: handled as a new inquiry", message_row_id)
     department = rules.department(decision.department)
     numbers = _numbers(understanding)
     sender = (parsed.sender or "").lower()
@@ -389,20 +393,18 @@ def handle_understood(
     existing: Inquiry | None,
     templates_dir: Path = SHIPPED_TEMPLATES,
 ) -> Handled:
-    """The pipeline's one call for a processed mail (not for clerk_reply): see the module docstring.
+    """What becomes of an understood mail (not a clerk_reply): see the module docstring.
 
     ``existing`` is ``followed_inquiry(session, understanding)``, which the caller
     has already looked up to route the mail."""
+    if opens_inquiry(understanding, existing):
+        opening = plan_opening(session, message_row_id, understanding, decision, disclosed, rules, now,
+                               templates_dir=templates_dir)
+        return write_opening(session, opening, now)
     kind = understanding.kind
     if kind == "bounce":
         return record_bounce(session, message_row_id, understanding, now)
-    if kind in NEVER_ANSWERED_KINDS or kind == "clerk_reply":
-        return Handled("ignored", reason=f"kind {kind} is never answered automatically")
     if kind == "followup" and existing is not None:
         return join_followup(session, existing, message_row_id, understanding, rules, now,
                              templates_dir=templates_dir)
-    if kind == "followup":
-        log.info("mail=%s follow-up of an unknown inquiry: handled as a new inquiry", message_row_id)
-    opening = plan_opening(session, message_row_id, understanding, decision, disclosed, rules, now,
-                           templates_dir=templates_dir)
-    return write_opening(session, opening, now)
+    return Handled("ignored", reason=f"kind {kind} is never answered automatically")
