@@ -2,6 +2,10 @@
 
 Only this module exits.  Library errors (SettingsError, RulesError, ...) are
 turned into one clear line on stderr and exit code 2.
+
+Each command imports what it needs when it runs: `mailbot run` starts its
+workers' fork server before the heavy imports (SQLAlchemy, the pipeline), so
+that the two import side by side.
 """
 
 from __future__ import annotations
@@ -11,9 +15,7 @@ import sys
 from pathlib import Path
 
 import click
-from sqlalchemy.exc import SQLAlchemyError
 
-from mailbot import db, store
 from mailbot.settings import Settings, SettingsError, load_settings
 
 
@@ -26,6 +28,10 @@ def _settings() -> Settings:
 
 def _engine(settings: Settings):  # noqa: ANN202
     """The engine, migrated to the newest schema; a clear error when unreachable."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from mailbot import db
+
     try:
         db.upgrade(settings.db_url)
         return db.get_engine(settings.db_url)
@@ -49,7 +55,9 @@ def status(as_json: bool) -> None:
 
     Exits 1 when the database cannot be reached, stored mail waits unprocessed, outgoing mail is stuck
     or IMAP intake keeps failing."""
-    from mailbot import queue
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from mailbot import db, queue, store
 
     settings = _settings()
     try:
@@ -189,6 +197,11 @@ def outbox_retry(outbox_id: int | None, retry_all: bool) -> None:
 @cli.command()
 def run() -> None:
     """Run the daemon: SMTP/LMTP (and IMAP) intake and the worker, until SIGTERM or Ctrl-C."""
+    from mailbot import workers
+
+    workers.start_fork_server()  # first: its imports run beside the ones below
+    from sqlalchemy.exc import SQLAlchemyError
+
     from mailbot import jobs
     from mailbot.logs import setup_logging
     from mailbot.rules import RulesError
@@ -437,7 +450,7 @@ def _inquiry_ref(_ctx: click.Context, _param: click.Parameter, value: str) -> in
 
 def _queue_do(action) -> None:  # noqa: ANN001 - callable(session, rules, now)
     """Run one queue action in one transaction; a refusal is one line on stderr, exit 1."""
-    from mailbot import queue, reply
+    from mailbot import db, queue, reply
     from mailbot.rules import RulesError, load_rules
 
     settings = _settings()

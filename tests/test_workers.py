@@ -22,19 +22,24 @@ from test_jobs import OFFICE, answers, citizen_mail, free_port, wait_for
 
 
 def worker_pids(daemon: int) -> set[int]:
-    """The daemon's worker processes (spawned interpreters; the resource tracker is not one)."""
-    found = set()
+    """The daemon's live worker processes: the children of its fork server (the resource tracker
+    is not one; a killed worker not yet reaped is not one either)."""
+    parents: dict[int, int] = {}
+    servers = set()
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
-            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
             command = (entry / "cmdline").read_bytes()
         except (OSError, IndexError):
             continue  # exited meanwhile
-        if parent == daemon and b"spawn_main" in command:
-            found.add(int(entry.name))
-    return found
+        if fields[0] == "Z":
+            continue
+        parents[int(entry.name)] = int(fields[1])
+        if b"forkserver" in command and int(fields[1]) == daemon:
+            servers.add(int(entry.name))
+    return {pid for pid, parent in parents.items() if parent in servers}
 
 
 def alive(pid: int) -> bool:
@@ -94,8 +99,11 @@ def test_mailbot_run_with_two_workers_answers_each_mail_once_restarts_a_dead_wor
         # One worker is killed: the daemon starts another, and mail of its share is processed again.
         victim = min(first_workers)
         os.kill(victim, signal.SIGKILL)
-        wait_for(lambda: len(worker_pids(daemon.pid)) == 2 and victim not in worker_pids(daemon.pid), 30,
-                 "the dead worker to be replaced")
+        def replaced() -> bool:
+            now = worker_pids(daemon.pid)
+            return len(now) == 2 and victim not in now
+
+        wait_for(replaced, 30, "the dead worker to be replaced")
         with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
             for number in range(30, 40):
                 assert client.sendmail(f"citizen{number}@example.com", [OFFICE], citizen_mail(number)) == {}
