@@ -46,7 +46,7 @@ from functools import lru_cache
 from typing import Iterable
 
 from sqlalchemy import bindparam, func, select, update
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 from sqlmodel import Session
 
 from mailbot import db
@@ -173,6 +173,20 @@ def _is_dead_here(owner: str | None) -> bool:
     return False
 
 
+# The next due mails, oldest first: read from ix_outbox_due alone, however many wait.
+_DUE = (
+    select(_table.c.id)
+    .where(_table.c.state == PENDING, _table.c.next_attempt_at <= bindparam("now"))
+    .order_by(_table.c.next_attempt_at, _table.c.id)
+    .limit(bindparam("limit"))
+)
+# Mails some sender left in ``sending``: the few of a batch in flight, or of a crash.
+_IN_FLIGHT = select(_table.c.id, _table.c.next_attempt_at, _table.c.lease_owner).where(
+    _table.c.state == SENDING,
+    (_table.c.next_attempt_at <= bindparam("now")) | _table.c.lease_owner.like(bindparam("this_host")),
+)
+
+
 def _claim(engine: Engine, limit: int, now: datetime) -> list[tuple[int, str, bytes, int]]:
     """Mark due rows ``sending`` (attempts+1) and commit, before any byte goes out.
 
@@ -180,26 +194,18 @@ def _claim(engine: Engine, limit: int, now: datetime) -> list[tuple[int, str, by
     when the process holding it was on this host and is gone.  One UPDATE claims
     the batch; its WHERE repeats the conditions, so of two workers only one wins a row.
     """
-    due = _table.c.next_attempt_at <= now
     with engine.connect() as connection:
-        rows = connection.execute(
-            select(_table.c.id, _table.c.state, _table.c.next_attempt_at, _table.c.lease_owner)
-            .where(
-                ((_table.c.state == PENDING) & due)
-                | ((_table.c.state == SENDING) & (due | _table.c.lease_owner.like(f"{socket.gethostname()}:%")))
-            )
-            .order_by(_table.c.next_attempt_at, _table.c.id)
-            .limit(limit)
-        ).all()
-    pending = [row.id for row in rows if row.state == PENDING]
-    stale = [row for row in rows if row.state == SENDING and (row.next_attempt_at <= now
-                                                               or _is_dead_here(row.lease_owner))]
-    taken = (_table.c.id.in_(pending) & (_table.c.state == PENDING) & due)
+        stale = [
+            row for row in connection.execute(_IN_FLIGHT, {"now": now, "this_host": f"{socket.gethostname()}:%"})
+            if row.next_attempt_at <= now or _is_dead_here(row.lease_owner)
+        ][:limit]
+        pending = list(connection.execute(_DUE, {"now": now, "limit": limit - len(stale)}).scalars())
+    if not pending and not stale:
+        return []
+    taken = (_table.c.id.in_(pending) & (_table.c.state == PENDING) & (_table.c.next_attempt_at <= now))
     for row in stale:
         taken |= (_table.c.id == row.id) & (_table.c.state == SENDING) & (
             _table.c.next_attempt_at == row.next_attempt_at)
-    if not pending and not stale:
-        return []
     with engine.begin() as connection:
         claimed = connection.execute(
             update(_table)
@@ -219,11 +225,12 @@ def _claim(engine: Engine, limit: int, now: datetime) -> list[tuple[int, str, by
 _FINISH = update(_table).where(_table.c.id == bindparam("outbox_id"), _table.c.state == SENDING)
 
 
-def _finish(engine: Engine, outbox_id: int, **values: object) -> None:
+def _finish(connection: Connection, outbox_id: int, **values: object) -> None:
     """Record one mail's outcome at once, in its own commit: a crash right after the relay's
-    250 may send that one mail again, never the batch."""
-    with engine.begin() as connection:
-        connection.execute(_FINISH, {"outbox_id": outbox_id, **values})
+    250 may send that one mail again, never the batch.  A batch keeps one ``connection``
+    for these commits instead of taking one from the pool for each mail."""
+    connection.execute(_FINISH, {"outbox_id": outbox_id, **values})
+    connection.commit()
 
 
 def _connect(settings: Settings) -> smtplib.SMTP:
@@ -259,6 +266,12 @@ def _smtp_error(error: Exception) -> Exception:
 
 
 def _deliver_smtp(settings: Settings, sender: str, batch: list[tuple[int, str, bytes, int]], engine: Engine) -> int:
+    with engine.connect() as connection:
+        return _send_batch(settings, sender, batch, connection)
+
+
+def _send_batch(settings: Settings, sender: str, batch: list[tuple[int, str, bytes, int]],
+                connection: Connection) -> int:
     sent = 0
     try:
         smtp = _connect(settings)
@@ -266,17 +279,17 @@ def _deliver_smtp(settings: Settings, sender: str, batch: list[tuple[int, str, b
         # Connection, TLS or login trouble is the relay's or the settings', never the mail's:
         # always temporary, even a 535, so the mail goes once the operator fixes it.
         for outbox_id, _recipient, _raw, attempts in batch:
-            _record_failure(engine, outbox_id, attempts, TemporaryError(str(_smtp_error(error))))
+            _record_failure(connection, outbox_id, attempts, TemporaryError(str(_smtp_error(error))))
         return 0
     with smtp:
         for position, (outbox_id, recipient, raw, attempts) in enumerate(batch):
             try:
                 smtp.sendmail(sender, [recipient], raw)
             except UnicodeError as error:  # a non-ASCII address the relay was not offered SMTPUTF8 for
-                _record_failure(engine, outbox_id, attempts, PermanentError(f"{error.__class__.__name__}: {error}"))
+                _record_failure(connection, outbox_id, attempts, PermanentError(f"{error.__class__.__name__}: {error}"))
                 continue
             except OSError as error:  # smtplib.SMTPException is an OSError too
-                _record_failure(engine, outbox_id, attempts, _smtp_error(error))
+                _record_failure(connection, outbox_id, attempts, _smtp_error(error))
                 try:
                     if isinstance(error, smtplib.SMTPServerDisconnected) or not isinstance(error, smtplib.SMTPException):
                         raise error
@@ -284,10 +297,10 @@ def _deliver_smtp(settings: Settings, sender: str, batch: list[tuple[int, str, b
                 except OSError as gone:
                     # The connection is gone: the rest of the batch is tried again later.
                     for other_id, _recipient, _raw, other_attempts in batch[position + 1:]:
-                        _record_failure(engine, other_id, other_attempts, _smtp_error(gone))
+                        _record_failure(connection, other_id, other_attempts, _smtp_error(gone))
                     return sent
                 continue
-            _finish(engine, outbox_id, state=SENT, sent_at=db.utcnow(), last_error=None)
+            _finish(connection, outbox_id, state=SENT, sent_at=db.utcnow(), last_error=None)
             log.info("outbox=%s recipient=%s sent via %s", outbox_id, recipient, settings.smtp_host)
             sent += 1
     return sent
@@ -295,27 +308,33 @@ def _deliver_smtp(settings: Settings, sender: str, batch: list[tuple[int, str, b
 
 def _deliver_maildir(settings: Settings, batch: list[tuple[int, str, bytes, int]], engine: Engine) -> int:
     folder = mailbox.Maildir(settings.sent_maildir, create=True)
+    with engine.connect() as connection:
+        return _store_batch(settings, folder, batch, connection)
+
+
+def _store_batch(settings: Settings, folder: mailbox.Maildir, batch: list[tuple[int, str, bytes, int]],
+                 connection: Connection) -> int:
     sent = 0
     for outbox_id, recipient, raw, attempts in batch:
         try:
             folder.add(raw)
         except OSError as error:
-            _record_failure(engine, outbox_id, attempts, TemporaryError(f"{error.__class__.__name__}: {error}"))
+            _record_failure(connection, outbox_id, attempts, TemporaryError(f"{error.__class__.__name__}: {error}"))
             continue
-        _finish(engine, outbox_id, state=SENT, sent_at=db.utcnow(), last_error=None)
+        _finish(connection, outbox_id, state=SENT, sent_at=db.utcnow(), last_error=None)
         log.info("outbox=%s recipient=%s delivered to maildir %s", outbox_id, recipient, settings.sent_maildir)
         sent += 1
     return sent
 
 
-def _record_failure(engine: Engine, outbox_id: int, attempts: int, error: Exception) -> None:
+def _record_failure(connection: Connection, outbox_id: int, attempts: int, error: Exception) -> None:
     if isinstance(error, PermanentError):
-        _finish(engine, outbox_id, state=FAILED, last_error=str(error))
+        _finish(connection, outbox_id, state=FAILED, last_error=str(error))
         log.error("outbox=%s failed for good: %s", outbox_id, error)
         return
     delay = backoff(attempts)
     _finish(
-        engine,
+        connection,
         outbox_id,
         state=PENDING,
         last_error=str(error),
