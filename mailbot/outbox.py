@@ -37,6 +37,7 @@ import re
 import smtplib
 import socket
 import ssl
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from email.parser import BytesHeaderParser
@@ -352,7 +353,13 @@ def send_due(engine: Engine, settings: Settings, limit: int = 50, *, sender: str
         by_sender: dict[str, list[tuple[int, str, bytes, int]]] = {}
         for item in batch:
             by_sender.setdefault(sender or _envelope_sender(item[2]), []).append(item)
-        return sum(_deliver_smtp(settings, address, items, engine) for address, items in by_sender.items())
+        chunks = [(address, items[start::settings.smtp_connections])
+                  for address, items in by_sender.items()
+                  for start in range(min(settings.smtp_connections, len(items)))]
+        if len(chunks) == 1:
+            return _deliver_smtp(settings, *chunks[0], engine)
+        with ThreadPoolExecutor(max_workers=settings.smtp_connections) as pool:
+            return sum(pool.map(lambda chunk: _deliver_smtp(settings, *chunk, engine), chunks))
     return _deliver_maildir(settings, batch, engine)
 
 

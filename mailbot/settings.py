@@ -56,6 +56,7 @@ class Settings:
     smtp_tls: str = "starttls"
     smtp_user: str | None = None
     smtp_password: str | None = None
+    smtp_connections: int = 4
     sent_maildir: Path = Path("sent")
     workers: int = 1
     worker_seconds: float = 1.0
@@ -202,6 +203,7 @@ def load_settings(environ: Mapping[str, str] | None = None, env_file: Path | Non
         smtp_tls=smtp_tls,
         smtp_user=_text(env, "MAILBOT_SMTP_USER"),
         smtp_password=_text(env, "MAILBOT_SMTP_PASSWORD"),
+        smtp_connections=_int(env, "MAILBOT_SMTP_CONNECTIONS", 4, minimum=1),
         sent_maildir=Path(env.get("MAILBOT_SENT_MAILDIR") or "sent"),
         workers=_int(env, "MAILBOT_WORKERS", 1, minimum=1),
         worker_seconds=_float(env, "MAILBOT_WORKER_SECONDS", 1.0),

@@ -7,6 +7,7 @@ reached.  Use the ``smtp_sink`` fixture, or ``SmtpSink`` directly in scripts.
 
 from __future__ import annotations
 
+import asyncio
 import smtplib
 import socket
 import ssl
@@ -34,6 +35,7 @@ class Accepted:
     at: float
     message_id: str | None  # read once from the header block, so polling stays cheap
     in_reply_to: str | None
+    peer: tuple[str, int]  # the client's address and port: one per SMTP connection
 
     @property
     def message(self) -> EmailMessage:
@@ -47,8 +49,16 @@ class _Handler:
         self.failure: str | None = None
         self.failures_left = 0
         self.condition = threading.Condition()
+        self.data_seconds = 0.0  # how long each DATA takes, to see clients overlap
+        self.in_data = 0
+        self.most_in_data = 0
 
     async def handle_DATA(self, server, session, envelope) -> str:  # noqa: ANN001 - aiosmtpd's types
+        if self.data_seconds:
+            self.in_data += 1  # the event loop's thread only: no lock needed
+            self.most_in_data = max(self.most_in_data, self.in_data)
+            await asyncio.sleep(self.data_seconds)
+            self.in_data -= 1
         with self.condition:
             if self.failures_left > 0 and self.failure is not None:
                 self.failures_left -= 1
@@ -60,7 +70,7 @@ class _Handler:
             head = BytesHeaderParser(policy=compat32).parsebytes(data.split(b"\r\n\r\n", 1)[0])
             self.accepted.append(Accepted(
                 envelope.mail_from, tuple(envelope.rcpt_tos), data, time.time(),
-                _unfolded(head["Message-ID"]), _unfolded(head["In-Reply-To"]),
+                _unfolded(head["Message-ID"]), _unfolded(head["In-Reply-To"]), tuple(session.peer[:2]),
             ))
             self.condition.notify_all()
         return "250 2.0.0 OK: queued"

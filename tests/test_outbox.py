@@ -7,7 +7,9 @@ import os
 import socket
 import subprocess
 import threading
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from datetime import timedelta
 from email import message_from_bytes, policy
 from pathlib import Path
@@ -136,6 +138,61 @@ def test_concurrent_senders_send_each_mail_once(engine: Engine, rules, smtp_sink
     assert sent == 40
     assert len(ids) == len(set(ids)) == 40
     assert outbox.count_by_state(engine)["sent"] == 40
+
+
+def test_a_batch_goes_over_several_connections_at_once(engine: Engine, rules, smtp_sink: SmtpSink,
+                                                      tmp_path: Path) -> None:
+    with db.session(engine) as session:
+        for number in range(12):
+            outbox.enqueue(session, make_mail(rules, inquiry=number + 1), key=f"ack:{number}", inquiry=None)
+    smtp_sink.handler.data_seconds = 0.05
+    settings = replace(relay_settings(smtp_sink, tmp_path), smtp_connections=3)
+
+    assert outbox.send_due(engine, settings) == 12
+    accepted = smtp_sink.accepted
+    assert len({item.message_id for item in accepted}) == 12
+    by_connection = Counter(item.peer for item in accepted)
+    assert sorted(by_connection.values()) == [4, 4, 4]
+    assert smtp_sink.handler.most_in_data >= 2  # the connections overlapped: not one after another
+
+
+def test_one_connection_when_told(engine: Engine, rules, smtp_sink: SmtpSink, tmp_path: Path) -> None:
+    with db.session(engine) as session:
+        for number in range(5):
+            outbox.enqueue(session, make_mail(rules, inquiry=number + 1), key=f"ack:{number}", inquiry=None)
+    settings = replace(relay_settings(smtp_sink, tmp_path), smtp_connections=1)
+
+    assert outbox.send_due(engine, settings) == 5
+    assert len({item.peer for item in smtp_sink.accepted}) == 1
+
+
+def test_the_oldest_due_mail_goes_first_whatever_its_id(engine: Engine, rules, smtp_sink: SmtpSink,
+                                                        tmp_path: Path) -> None:
+    for number in range(5):
+        queue(engine, rules, key=f"ack:{number}", inquiry=number + 1)
+    now = db.utcnow()
+    with engine.begin() as connection:
+        for number in range(5):  # ack:4 has waited longest, ack:0 is not due yet
+            connection.execute(update(_table).where(_table.c.key == f"ack:{number}")
+                               .values(next_attempt_at=now - timedelta(minutes=number - 0.5)))
+    settings = replace(relay_settings(smtp_sink, tmp_path), smtp_connections=1)
+
+    assert outbox.send_due(engine, settings, limit=2) == 2
+    assert {row(engine, f"ack:{n}").state for n in (4, 3)} == {"sent"}
+    assert outbox.send_due(engine, settings, limit=10) == 2
+    assert row(engine, "ack:0").state == "pending"
+
+
+def test_the_claim_reads_the_due_index_not_the_mails(sqlite_url: str) -> None:
+    db.upgrade(sqlite_url)
+    engine = db.get_engine(sqlite_url)
+    statement = outbox._DUE.compile(engine)
+    values = statement.construct_params({"now": db.utcnow(), "limit": 50})
+    with engine.connect() as connection:
+        plan = " ".join(str(step[-1]) for step in connection.exec_driver_sql(
+            f"EXPLAIN QUERY PLAN {statement}", tuple(values[name] for name in statement.positiontup)))
+    assert "USING COVERING INDEX ix_outbox_due" in plan
+    assert "TEMP B-TREE" not in plan  # no sort of every waiting mail
 
 
 def test_permanent_failure_is_not_retried_until_an_operator_says_so(

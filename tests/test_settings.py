@@ -34,6 +34,7 @@ def test_values_from_the_environment():
         "MAILBOT_LMTP_LISTEN": "0.0.0.0:24",
         "MAILBOT_WORKER_SECONDS": "0.5",
         "MAILBOT_WORKERS": "3",
+        "MAILBOT_SMTP_CONNECTIONS": "2",
         "MAILBOT_MAX_MESSAGE_BYTES": "1048576",
         "MAILBOT_LOG_LEVEL": "debug",
     })
@@ -44,6 +45,7 @@ def test_values_from_the_environment():
     assert settings.lmtp_listen == ("0.0.0.0", 24)
     assert settings.worker_seconds == 0.5
     assert settings.workers == 3
+    assert settings.smtp_connections == 2
     assert settings.max_message_bytes == 1048576
     assert settings.log_level == "DEBUG"
 
@@ -62,6 +64,7 @@ def test_an_empty_listen_address_turns_the_listener_off():
         ("MAILBOT_MAX_MESSAGE_BYTES", "40MB", "MAILBOT_MAX_MESSAGE_BYTES has value '40MB'. Not a valid int."),
         ("MAILBOT_MAX_MESSAGE_BYTES", "100", "MAILBOT_MAX_MESSAGE_BYTES has value '100'. Must be at least 1024."),
         ("MAILBOT_WORKERS", "0", "MAILBOT_WORKERS has value '0'. Must be at least 1."),
+        ("MAILBOT_SMTP_CONNECTIONS", "0", "MAILBOT_SMTP_CONNECTIONS has value '0'. Must be at least 1."),
         ("MAILBOT_WORKERS", "two", "MAILBOT_WORKERS has value 'two'. Not a valid int."),
         ("MAILBOT_WORKER_SECONDS", "often", "MAILBOT_WORKER_SECONDS has value 'often'. Not a valid number."),
         ("MAILBOT_WORKER_SECONDS", "0", "MAILBOT_WORKER_SECONDS has value '0'. Must be greater than 0."),
