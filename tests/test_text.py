@@ -221,6 +221,25 @@ def test_html_outlook_div_rply_fwd_msg() -> None:
     assert "1446/12345" in s.quoted
 
 
+@pytest.mark.parametrize("opening", [
+    '<div class="gmail_quote">', '<div id="divRplyFwdMsg">', '<div id="appendonsend">',
+    '<div class="moz-cite-prefix">', '<div class="moz-forward-container">', "<blockquote>",
+    '<div class="OutlookMessageHeader">', '<div class="signature gmail_quote" dir="rtl">',
+])
+def test_html_quote_containers_of_each_mail_client(opening: str) -> None:
+    closing = "</blockquote>" if opening == "<blockquote>" else "</div>"
+    html = f'<div dir="rtl"><p>ما زلت أنتظر، رقمي 1446/47300</p></div>{opening}<p>معاملة 1446/00321</p>{closing}'
+    s = split_mail(html_to_text(html), html, text_from_html=True)
+    assert s.new == "ما زلت أنتظر، رقمي 1446/47300"
+    assert "1446/00321" in s.quoted
+
+
+def test_html_divs_that_are_no_quote_stay_new() -> None:
+    html = '<div class="gmail_default">رقمي 1446/47300</div><div id="quote">والمعاملة الأخرى 1446/00321</div>'
+    s = split_mail(html_to_text(html), html, text_from_html=True)
+    assert "1446/47300" in s.new and "1446/00321" in s.new and s.quoted == ""
+
+
 def test_html_to_text_ignores_scripts_and_keeps_blocks() -> None:
     text = html_to_text("<style>x{}</style><p>سطر&nbsp;أول</p><p>سطر ثاني<br>ثالث</p><script>1446/1</script>")
     assert [line for line in text.split("\n") if line] == ["سطر أول", "سطر ثاني", "ثالث"]
