@@ -48,7 +48,8 @@ from email.headerregistry import Address
 from email.utils import formataddr, format_datetime, parseaddr
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from time import monotonic
+from typing import Any, Callable, Mapping, Sequence
 
 from hijridate import Gregorian
 from jinja2 import (
@@ -172,6 +173,7 @@ def _date_text(value: date, language: str) -> str:
     return f"{value.day} {value:%B %Y} ({hijri.day} {hijri.month_name('en')} {hijri.year} AH)"
 
 
+@lru_cache(maxsize=256)  # a batch of mails shows the same few times: now, and now plus an SLA
 def format_time(value: datetime | None, language: str) -> str:
     if value is None:
         return ""
@@ -185,12 +187,36 @@ def format_number(value: object, language: str) -> str:
     return arabic_digits(value) if language == "ar" else str(value)
 
 
+# How often a template's file is looked at for an admin's edit.
+TEMPLATE_CHECK_SECONDS = 1.0
+
+
+class _Loader(FileSystemLoader):
+    """A FileSystemLoader that looks at a template file's modification time at most once
+    every TEMPLATE_CHECK_SECONDS: an admin's edit still goes live within a second, and a
+    worker answering hundreds of mails a second does not stat a template, its layout and
+    its macros for every mail."""
+
+    def get_source(self, environment: Environment, template: str) -> tuple[str, str, Callable[[], bool]]:
+        source, filename, uptodate = super().get_source(environment, template)
+        checked_at = monotonic()
+
+        def checked_now_and_then() -> bool:
+            nonlocal checked_at
+            if monotonic() - checked_at < TEMPLATE_CHECK_SECONDS:
+                return True
+            checked_at = monotonic()
+            return uptodate()
+
+        return source, filename, checked_now_and_then
+
+
 @lru_cache(maxsize=8)
 def _environment(templates_dir: str) -> Environment:
     # Autoescape for .html only: the .txt parts are plain text, where "&amp;" would be wrong.
     # StrictUndefined: a misspelt variable fails loudly instead of printing nothing.
     return Environment(
-        loader=FileSystemLoader(templates_dir),
+        loader=_Loader(templates_dir),
         autoescape=select_autoescape(enabled_extensions=("html",), default_for_string=False),
         undefined=StrictUndefined,
         trim_blocks=True,

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
 from datetime import datetime, timedelta, timezone
 from email import message_from_bytes, policy
 from email.header import decode_header, make_header
@@ -116,6 +118,24 @@ def test_template_problems_name_the_file(rules, tmp_path) -> None:
         reply.render("ack_status", "en", context(), rules, tmp_path)
     with pytest.raises(reply.ReplyError, match=f"^{tmp_path}/ar/escalation.txt: template file missing$"):
         reply.render("escalation", "ar", context(), rules, tmp_path)
+
+
+def test_an_admins_template_edit_goes_live_within_a_second(rules, tmp_path, monkeypatch) -> None:
+    folder = tmp_path / "templates"
+    shutil.copytree(SHIPPED_TEMPLATES, folder)
+    clock = [1000.0]
+    monkeypatch.setattr(reply, "monotonic", lambda: clock[0])
+    assert "Ramadan hours" not in reply.render("ack_no_number", "en", context(), rules, folder).text
+
+    edited = folder / "en" / "ack_no_number.txt"
+    edited.write_text(edited.read_text(encoding="utf-8").replace("{% block body %}",
+                                                                  "{% block body %}Ramadan hours: 10-16.\n"),
+                      encoding="utf-8")
+    os.utime(edited, (edited.stat().st_mtime + 5, edited.stat().st_mtime + 5))
+    clock[0] += 0.5  # within the second: the compiled template, no look at the file
+    assert "Ramadan hours" not in reply.render("ack_no_number", "en", context(), rules, folder).text
+    clock[0] += reply.TEMPLATE_CHECK_SECONDS
+    assert "Ramadan hours: 10-16." in reply.render("ack_no_number", "en", context(), rules, folder).text
 
 
 def compose(rules, **overrides: object) -> reply.OutgoingMail:
