@@ -18,14 +18,16 @@ from mailbot.settings import Settings
 
 log = logging.getLogger(__name__)
 
-# Outgoing mails per send_due call: the job checks for a stop between batches.
+# Outgoing mails per relay connection and send_due call: the job checks for a stop between
+# batches, and each connection (a TCP, TLS and login handshake) carries up to this many.
 OUTBOX_BATCH = 50
 SUPERVISE_SECONDS = 1.0
 
 
 def send_outbox(engine: Engine, settings: Settings, stop: threading.Event) -> None:
     """The outbox job: send what is due, batch after batch, until none is left or a stop is asked."""
-    while not stop.is_set() and outbox.send_due(engine, settings, limit=OUTBOX_BATCH) == OUTBOX_BATCH:
+    limit = OUTBOX_BATCH * settings.smtp_connections
+    while not stop.is_set() and outbox.send_due(engine, settings, limit=limit) == limit:
         pass
 
 

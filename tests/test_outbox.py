@@ -19,7 +19,7 @@ from click.testing import CliRunner
 from sqlalchemy import select, update
 from sqlalchemy.engine import Engine
 
-from mailbot import db, outbox, reply
+from mailbot import db, jobs, outbox, reply
 from mailbot.cli import cli
 from mailbot.models import Outbox
 from mailbot.settings import SHIPPED_TEMPLATES, Settings
@@ -154,6 +154,19 @@ def test_a_batch_goes_over_several_connections_at_once(engine: Engine, rules, sm
     by_connection = Counter(item.peer for item in accepted)
     assert sorted(by_connection.values()) == [4, 4, 4]
     assert smtp_sink.handler.most_in_data >= 2  # the connections overlapped: not one after another
+
+
+def test_the_outbox_job_carries_fifty_mails_per_connection(engine: Engine, rules, smtp_sink: SmtpSink,
+                                                          tmp_path: Path) -> None:
+    with db.session(engine) as session:
+        for number in range(150):
+            outbox.enqueue(session, make_mail(rules, inquiry=number + 1), key=f"ack:{number}", inquiry=None)
+    settings = replace(relay_settings(smtp_sink, tmp_path), smtp_connections=3)
+
+    jobs.send_outbox(engine, settings, threading.Event())
+    by_connection = Counter(item.peer for item in smtp_sink.accepted)
+    assert sorted(by_connection.values()) == [jobs.OUTBOX_BATCH] * 3  # not a new connection every 50 mails
+    assert outbox.count_by_state(engine)["sent"] == 150
 
 
 def test_one_connection_when_told(engine: Engine, rules, smtp_sink: SmtpSink, tmp_path: Path) -> None:
