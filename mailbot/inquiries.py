@@ -31,16 +31,17 @@ import re
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
-from sqlalchemy import bindparam, func, insert, select
+from sqlalchemy import func, insert, select
 from sqlmodel import Session
 
 from mailbot import db, notify, outbox, queue, reply
-from mailbot.models import Inquiry, InquiryEvent, Outbox, Transaction
+from mailbot.models import Inquiry, InquiryEvent, Outbox
 from mailbot.route import Decision
 from mailbot.rules import Rules
 from mailbot.settings import SHIPPED_TEMPLATES
+from mailbot.transactions import KnownTransaction
 from mailbot.understand import Understanding
 
 log = logging.getLogger(__name__)
@@ -52,12 +53,8 @@ _ROBOT_LOCALPART = re.compile(
 )
 _TAG = re.compile(r"(\d{1,9})")
 _inquiries = Inquiry.__table__
-_transactions = Transaction.__table__
 _events = InquiryEvent.__table__
 _INSERT_EVENT = insert(_events)
-_TRANSACTION_ROWS = select(_transactions.c.number, _transactions.c.status, _transactions.c.updated_at).where(
-    _transactions.c.number.in_(bindparam("numbers", expanding=True))
-)
 
 
 @dataclass(frozen=True)
@@ -128,15 +125,6 @@ def find_inquiry(session: Session, tags: Iterable[object], message_ids: Iterable
     return None
 
 
-def _transaction_rows(session: Session, numbers: Iterable[str]) -> dict[str, Any]:
-    """The transactions on file among ``numbers``, by number (one query for the forward and the ack)."""
-    wanted = list(dict.fromkeys(numbers))
-    if not wanted:
-        return {}
-    rows = session.execute(_TRANSACTION_ROWS, {"numbers": wanted})
-    return {row.number: row for row in rows}
-
-
 def _add_event(session: Session, inquiry: int, kind: str, message: int, author: str | None, text: str,
                now: datetime) -> bool:
     exists = session.execute(
@@ -189,13 +177,15 @@ def plan_opening(
     rules: Rules,
     now: datetime,
     *,
+    known: Mapping[str, KnownTransaction],
     templates_dir: Path = SHIPPED_TEMPLATES,
 ) -> Opening:
     """A new inquiry, its queue_forward to the department's clerks and, unless loop safety
     forbids it, its acknowledgement, composed from reads: write_opening writes them, in one
     transaction.  ``decision``: route.Decision (department, rule, priority, tag,
     no_auto_reply); ``disclosed``: disclose.disclosed(...), the numbers whose status this
-    sender may see.
+    sender may see; ``known``: transactions.known_transactions(...) of the mail's numbers,
+    which routing read in the same transaction.
 
     The inquiry's reference is the number of the mail that opened it (one inquiry per
     mail), so both mails are composed from reads alone before anything is written: on
@@ -212,7 +202,7 @@ def plan_opening(
     sender_name = reply.clean_header(parsed.sender_name or "")[:998] or None
     due_at = now + timedelta(hours=department.sla_hours)
     forwarded = notify.inquiry_numbers(" ".join(numbers))
-    on_file = _transaction_rows(session, [*forwarded, *disclosed])
+    on_file = {number: known[number] for number in [*forwarded, *disclosed] if number in known}
     template = ack_template(understanding, disclosed)
     blocked = _ack_blocked(session, parsed.sender, decision, rules, now)
 
@@ -391,6 +381,7 @@ def handle_understood(
     now: datetime,
     *,
     existing: Inquiry | None,
+    known: Mapping[str, KnownTransaction],
     templates_dir: Path = SHIPPED_TEMPLATES,
 ) -> Handled:
     """What becomes of an understood mail (not a clerk_reply): see the module docstring.
@@ -399,7 +390,7 @@ def handle_understood(
     has already looked up to route the mail."""
     if opens_inquiry(understanding, existing):
         opening = plan_opening(session, message_row_id, understanding, decision, disclosed, rules, now,
-                               templates_dir=templates_dir)
+                               known=known, templates_dir=templates_dir)
         return write_opening(session, opening, now)
     kind = understanding.kind
     if kind == "bounce":

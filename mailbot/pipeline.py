@@ -119,12 +119,13 @@ def stage(session: Session, rules: Rules, mail: Pending, now: datetime, template
     shown = disclosed(understanding, rules, known) if existing is None else []
     if inquiries.opens_inquiry(understanding, existing):
         opening = inquiries.plan_opening(session, mail.id, understanding, decision, shown, rules, now,
-                                         templates_dir=templates_dir)
+                                         known=known, templates_dir=templates_dir)
         return Staged(parsed, understanding, decision.department, decision.rule,
                       lambda writer: inquiries.write_opening(writer, opening, now), opening)
     return Staged(parsed, understanding, decision.department, decision.rule,
                   lambda writer: inquiries.handle_understood(writer, mail.id, understanding, decision, shown, rules,
-                                                             now, existing=existing, templates_dir=templates_dir))
+                                                             now, existing=existing, known=known,
+                                                             templates_dir=templates_dir))
 
 
 def finish(session: Session, staged: Staged) -> Outcome:

@@ -38,12 +38,13 @@ class TransactionError(ValueError):
 
 @dataclass(frozen=True)
 class KnownTransaction:
-    """What the database holds about a number, as routing and disclosure need it."""
+    """What the database holds about a number, as routing, disclosure and the replies need it."""
 
     number: str
     department: str
     status: str
     applicant_emails: tuple[str, ...]
+    updated_at: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -244,5 +245,6 @@ def known_transactions(bind: Engine | Connection, numbers: Iterable[str]) -> dic
     for chunk in _chunks(wanted):
         for record in bind.execute(_KNOWN, {"numbers": chunk}):
             known[record.number] = KnownTransaction(record.number, record.department, record.status,
-                                                    tuple(record.applicant_emails.lower().split()))
+                                                    tuple(record.applicant_emails.lower().split()),
+                                                    record.updated_at)
     return known

@@ -237,7 +237,7 @@ def test_unanswerable_senders_get_an_inquiry_but_no_ack(sqlite_url: str, rules, 
     with db.session(engine) as session:
         # Straight to the opening: classify would call some of these senders' mail a bounce.
         opening = inquiries.plan_opening(session, stored.id, understanding, Decision("general", "fallback"), [],
-                                         rules, NOW)
+                                         rules, NOW, known={})
         handled = inquiries.write_opening(session, opening, NOW)
 
     assert handled.reason == reason
@@ -259,7 +259,7 @@ def test_no_auto_reply_rule_opens_without_ack(sqlite_url: str, rules) -> None:
     with db.session(engine) as session:
         handled = inquiries.handle_understood(session, stored.id, understand(parse_mail(raw), rules),
                                               Decision("general", "vip", no_auto_reply=True), [], rules, NOW,
-                                              existing=None)
+                                              existing=None, known={})
     assert handled.reason == "rule vip says no_auto_reply"
     assert outbox_rows(engine) == []
 
