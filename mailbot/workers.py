@@ -27,6 +27,7 @@ had in hand is rolled back and processed again after the restart.
 
 from __future__ import annotations
 
+import gc
 import logging
 import multiprocessing
 import multiprocessing.connection
@@ -105,6 +106,9 @@ def _worker_main(settings: Settings, share: tuple[int, int], rules: Rules) -> No
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
+    # What the worker starts with (every imported module, the rules) lives as long as it
+    # does: frozen, the garbage collector no longer walks those 100,000 objects each time.
+    gc.freeze()
     log.info("worker %s of %s started pid=%s", share[0] + 1, share[1], os.getpid())
     try:
         work_until_stopped(settings, share, stop, rules)
