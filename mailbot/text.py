@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import lru_cache
 
 from bs4 import BeautifulSoup, Tag
 
@@ -56,24 +57,31 @@ class Split:
 _BLOCK_TAGS = ("p", "div", "br", "tr", "li", "ul", "ol", "table", "h1", "h2", "h3", "h4", "h5", "h6", "hr",
                "blockquote", "pre")
 _SPACES = re.compile(r"[ \t\u00a0]+")
+_BLANK_LINES = re.compile(r"\n{3,}")
 
 
 def html_to_text(html: str, *, mark_quote: bool = False) -> str:
     """Readable text of an HTML body; with mark_quote, QUOTE_MARK precedes the first quoted block."""
+    marked = _quote_marked_text(html)
+    return marked if mark_quote else _BLANK_LINES.sub("\n\n", marked.replace(QUOTE_MARK, "")).strip()
+
+
+# parse_mail renders an HTML-only body, and split_mail the same body with its quote marked:
+# the mark is its own line, so one parse gives both (the text without it is the same).
+@lru_cache(maxsize=4)
+def _quote_marked_text(html: str) -> str:
     soup = BeautifulSoup(html, "html.parser")
     for node in soup(["script", "style", "head", "title"]):
         node.decompose()
-    if mark_quote:
-        quote = _first_quote(soup)
-        if quote is not None:
-            quote.insert_before(f"\n{QUOTE_MARK}\n")
+    quote = _first_quote(soup)
+    if quote is not None:
+        quote.insert_before(f"\n{QUOTE_MARK}\n")
     for node in soup.find_all(_BLOCK_TAGS):
         node.insert_before("\n")
         if node.name != "br":
             node.append("\n")
     lines = (_SPACES.sub(" ", line).strip() for line in soup.get_text().splitlines())
-    text = "\n".join(lines)
-    return re.sub(r"\n{3,}", "\n\n", text).strip()
+    return _BLANK_LINES.sub("\n\n", "\n".join(lines)).strip()
 
 
 # Gmail: div.gmail_quote; Outlook: div#divRplyFwdMsg (the header block of the quoted

@@ -6,7 +6,9 @@ from textwrap import dedent
 
 import pytest
 
+from mailbot import text
 from mailbot.text import (
+    QUOTE_MARK,
     detect_language,
     html_to_text,
     normalize_arabic,
@@ -238,6 +240,17 @@ def test_html_divs_that_are_no_quote_stay_new() -> None:
     html = '<div class="gmail_default">رقمي 1446/47300</div><div id="quote">والمعاملة الأخرى 1446/00321</div>'
     s = split_mail(html_to_text(html), html, text_from_html=True)
     assert "1446/47300" in s.new and "1446/00321" in s.new and s.quoted == ""
+
+
+def test_an_html_body_is_parsed_once_for_its_text_and_its_marked_quote(monkeypatch) -> None:
+    parses = []
+    real = text.BeautifulSoup
+    monkeypatch.setattr(text, "BeautifulSoup", lambda *args, **kwargs: parses.append(1) or real(*args, **kwargs))
+    html = '<div dir="rtl">رقمي 1446/47300 (مرة واحدة)</div><blockquote>1446/00321</blockquote>'
+
+    assert html_to_text(html) == "رقمي 1446/47300 (مرة واحدة)\n\n1446/00321"
+    assert html_to_text(html, mark_quote=True) == f"رقمي 1446/47300 (مرة واحدة)\n\n{QUOTE_MARK}\n\n1446/00321"
+    assert len(parses) == 1
 
 
 def test_html_to_text_ignores_scripts_and_keeps_blocks() -> None:
