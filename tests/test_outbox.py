@@ -41,6 +41,13 @@ def queue(engine: Engine, rules, key: str = "ack:1", **kwargs: object) -> reply.
     return mail
 
 
+def queue_many(engine: Engine, rules, count: int) -> None:
+    """``count`` acknowledgements ack:0 ... in one transaction, for inquiries 1 ..."""
+    with db.session(engine) as session:
+        for number in range(count):
+            outbox.enqueue(session, make_mail(rules, inquiry=number + 1), key=f"ack:{number}", inquiry=None)
+
+
 def relay_settings(sink: SmtpSink, tmp_path: Path) -> Settings:
     return Settings(smtp_host=sink.host, smtp_port=sink.port, smtp_tls="none", sent_maildir=tmp_path / "sent")
 
@@ -121,9 +128,7 @@ def test_temporary_failures_are_retried_until_accepted_once(
 
 
 def test_concurrent_senders_send_each_mail_once(engine: Engine, rules, smtp_sink: SmtpSink, tmp_path: Path) -> None:
-    with db.session(engine) as session:
-        for number in range(40):
-            outbox.enqueue(session, make_mail(rules, inquiry=number + 1), key=f"ack:{number}", inquiry=None)
+    queue_many(engine, rules, 40)
     settings = relay_settings(smtp_sink, tmp_path)
     start = threading.Barrier(4)
 
@@ -142,9 +147,7 @@ def test_concurrent_senders_send_each_mail_once(engine: Engine, rules, smtp_sink
 
 def test_a_batch_goes_over_several_connections_at_once(engine: Engine, rules, smtp_sink: SmtpSink,
                                                       tmp_path: Path) -> None:
-    with db.session(engine) as session:
-        for number in range(12):
-            outbox.enqueue(session, make_mail(rules, inquiry=number + 1), key=f"ack:{number}", inquiry=None)
+    queue_many(engine, rules, 12)
     smtp_sink.handler.data_seconds = 0.05
     settings = replace(relay_settings(smtp_sink, tmp_path), smtp_connections=3)
 
@@ -158,9 +161,7 @@ def test_a_batch_goes_over_several_connections_at_once(engine: Engine, rules, sm
 
 def test_the_outbox_job_carries_fifty_mails_per_connection(engine: Engine, rules, smtp_sink: SmtpSink,
                                                           tmp_path: Path) -> None:
-    with db.session(engine) as session:
-        for number in range(150):
-            outbox.enqueue(session, make_mail(rules, inquiry=number + 1), key=f"ack:{number}", inquiry=None)
+    queue_many(engine, rules, 150)
     settings = replace(relay_settings(smtp_sink, tmp_path), smtp_connections=3)
 
     jobs.send_outbox(engine, settings, threading.Event())
@@ -170,9 +171,7 @@ def test_the_outbox_job_carries_fifty_mails_per_connection(engine: Engine, rules
 
 
 def test_one_connection_when_told(engine: Engine, rules, smtp_sink: SmtpSink, tmp_path: Path) -> None:
-    with db.session(engine) as session:
-        for number in range(5):
-            outbox.enqueue(session, make_mail(rules, inquiry=number + 1), key=f"ack:{number}", inquiry=None)
+    queue_many(engine, rules, 5)
     settings = replace(relay_settings(smtp_sink, tmp_path), smtp_connections=1)
 
     assert outbox.send_due(engine, settings) == 5
