@@ -4,14 +4,15 @@ For every understood mail except a clerk's (``clerk.handle_clerk_reply``) the
 pipeline calls::
 
     handle_understood(session, message_row_id, understanding, decision, disclosed, rules, now,
-                      existing=followed_inquiry(session, understanding),
+                      existing=followed_inquiry(session, understanding), known=known,
                       templates_dir=settings.templates_dir) -> Handled
 
-or, for a mail that ``opens_inquiry``, its two halves: ``plan_opening`` (reads,
-both mails composed) and ``write_opening``; always inside the transaction that
-marks the mail processed, so the inquiry, its acknowledgement in the outbox and
-the thread event commit together or not at all.  A new inquiry is forwarded to its department's queue
-(``queue.forward_to_queue``) in the same transaction.  Processing the same mail
+(``known``: the transactions routing read) or, for a mail that ``opens_inquiry``,
+its two halves: ``plan_opening`` (reads, both mails composed) and
+``write_opening``; always inside the transaction that marks the mail processed,
+so the inquiry, its acknowledgement in the outbox and the thread event commit
+together or not at all.  A new inquiry's forward to its department's queue
+(``queue.opened_forward``) is queued in the same transaction.  Processing the same mail
 twice gives one inquiry and one reply: the inquiry is unique per mail and the
 acknowledgement's outbox key is ``ack:<message row id>``.
 
