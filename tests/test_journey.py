@@ -102,12 +102,15 @@ def mailbot_run(tmp_path: Path, dovecot: Dovecot, sink: SmtpSink, **extra: str) 
         **extra,
     }
     log_path = tmp_path / "mailbot.log"
+    # The log is appended to by every run of a test: wait for this run's start line, not an earlier one's
+    # (a SIGTERM before the daemon's handlers are set would kill it).
+    started_before = log_path.read_text(errors="replace").count("mailbot running") if log_path.exists() else 0
     with log_path.open("ab") as log:
         daemon = subprocess.Popen([*MAILBOT, "run"], env=env, cwd=tmp_path,
                                   stdout=log, stderr=subprocess.STDOUT)
     try:
-        wait_for(lambda: "mailbot running" in log_path.read_text(errors="replace") or daemon.poll() is not None,
-                 "mailbot run started", log_path)
+        wait_for(lambda: log_path.read_text(errors="replace").count("mailbot running") > started_before
+                 or daemon.poll() is not None, "mailbot run started", log_path)
         assert daemon.poll() is None, log_path.read_text(errors="replace")[-3000:]
         yield daemon
     finally:
