@@ -1,12 +1,15 @@
-"""Shared fixtures: real databases (SQLite in tmp_path, PostgreSQL at 127.0.0.1:5432).
+"""Shared fixtures: real databases (SQLite in tmp_path, PostgreSQL in a private cluster).
 
 PostgreSQL is required, never skipped: a run without it fails, so CI cannot
-go green while testing half the product.  Each test gets its own database,
-so tests (and developers running them side by side) never see each other's rows.
+go green while testing half the product.  The suite starts its own cluster
+(tests/pgcluster.py) on a free loopback port, unless MAILBOT_TEST_PG names a
+server to use instead.  Each test gets its own database, so tests (and
+developers running them side by side) never see each other's rows.
 """
 
 from __future__ import annotations
 
+import atexit
 import os
 import sys
 import uuid
@@ -25,8 +28,19 @@ from mailbot.settings import SHIPPED_RULES, SHIPPED_TEMPLATES
 
 from dovecot import dovecot  # noqa: E402,F401 - the private Dovecot fixture (tests/dovecot.py)
 from smtpsink import smtp_sink  # noqa: E402,F401 - the relay sink fixture (tests/smtpsink.py)
+from pgcluster import start_cluster
 
-PG_ADMIN = os.environ.get("MAILBOT_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
+
+def _pg_admin() -> str:
+    """MAILBOT_TEST_PG, or the URL of a private cluster started now and stopped when the run ends."""
+    if os.environ.get("MAILBOT_TEST_PG"):
+        return os.environ["MAILBOT_TEST_PG"]
+    cluster = start_cluster()
+    atexit.register(cluster.stop)
+    return cluster.admin_url
+
+
+PG_ADMIN = _pg_admin()
 BACKENDS = ("sqlite", "postgresql")
 CORPUS = Path(__file__).resolve().parent.parent.parent / "shared" / "corpus"
 # The command line, whichever environment runs the tests.
@@ -48,6 +62,10 @@ def drop_pg_database(url: str) -> None:
     name = url.rsplit("/", 1)[1]
     with psycopg.connect(PG_ADMIN, autocommit=True) as connection:
         connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def pytest_report_header() -> str:
+    return f"postgresql: {PG_ADMIN}"
 
 
 @pytest.fixture(params=BACKENDS)
