@@ -19,11 +19,17 @@ import click
 from mailbot.settings import Settings, SettingsError, load_settings
 
 
-def _settings() -> Settings:
+def _settings(*, warn: bool = True) -> Settings:
+    """The settings; with ``warn``, each unknown MAILBOT_* variable is named on stderr
+    (the daemon logs them instead)."""
     try:
-        return load_settings()
+        settings = load_settings()
     except SettingsError as error:
         raise click.ClickException(str(error)) from None
+    if warn:
+        for warning in settings.warnings:
+            click.echo(f"Warning: {warning}", err=True)
+    return settings
 
 
 def _engine(settings: Settings):  # noqa: ANN202
@@ -206,8 +212,8 @@ def run() -> None:
     from mailbot.logs import setup_logging
     from mailbot.rules import RulesError
 
-    settings = _settings()
-    setup_logging(settings.log_level)
+    settings = _settings(warn=False)
+    setup_logging(settings.log_level, settings.log_format)
     try:
         jobs.run_daemon(settings)
     except RulesError as error:

@@ -84,7 +84,14 @@ def _describe(settings: Settings, servers: list[IngressServer], imap: bool) -> s
     imap_part = f"imap={settings.imap_user}@{settings.imap_host}:{settings.imap_port}/{settings.imap_folder}" if imap else "imap=off"
     database = make_url(db.normalise_url(settings.db_url)).render_as_string(hide_password=True)
     return (f"{listening} {imap_part} workers={settings.workers} worker_seconds={settings.worker_seconds} "
-            f"db={database}")
+            f"db={database} outgoing={_outgoing(settings)}")
+
+
+def _outgoing(settings: Settings) -> str:
+    """Where outgoing mail goes: the relay, or the Maildir used when there is none."""
+    if settings.smtp_host:
+        return f"smtp://{settings.smtp_host}:{settings.smtp_port}(tls={settings.smtp_tls})"
+    return f"maildir:{settings.sent_maildir.resolve()}"
 
 
 def run_daemon(settings: Settings, stop: threading.Event | None = None) -> None:
@@ -95,6 +102,8 @@ def run_daemon(settings: Settings, stop: threading.Event | None = None) -> None:
     and stops last.
     """
     stop = stop or threading.Event()
+    for warning in settings.warnings:
+        log.warning("%s", warning)
     db.upgrade(settings.db_url)
     engine = db.get_engine(settings.db_url)
     reloader = RulesReloader(settings.rules_dir)

@@ -7,11 +7,12 @@ start, and a bad one raises :class:`SettingsError` naming the variable.
 
 from __future__ import annotations
 
+import difflib
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Mapping
+from typing import Any, Mapping
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -27,6 +28,9 @@ def shipped(name: str) -> Path:
 SHIPPED_RULES = shipped("rules")
 SHIPPED_TEMPLATES = shipped("templates")
 TLS_MODES = ("ssl", "starttls", "none")
+LOG_FORMATS = ("text", "json")
+# Read by mailbot itself but not a setting of the daemon, or not mailbot's at all.
+_NOT_SETTINGS = ("MAILBOT_ENV_FILE", "MAILBOT_TEST_")
 
 
 class SettingsError(ValueError):
@@ -64,6 +68,9 @@ class Settings:
     notify_seconds: float = 30.0
     rules_reload_seconds: float = 2.0
     log_level: str = "INFO"
+    log_format: str = "text"
+    # "MAILBOT_SMPT_HOST: unknown; did you mean MAILBOT_SMTP_HOST?", one per unknown variable.
+    warnings: tuple[str, ...] = ()
 
     def __repr__(self) -> str:  # never print passwords into logs or tracebacks
         hidden = {"imap_password", "smtp_password"}
@@ -91,6 +98,35 @@ def read_env_file(path: Path) -> dict[str, str]:
             value = value[1:-1]
         values[key.strip()] = value
     return values
+
+
+class _Recording(dict[str, str]):
+    """The merged environment, noting every name load_settings asks for: what it never asks
+    for is not a setting, however close its spelling."""
+
+    def __init__(self, values: Mapping[str, str]) -> None:
+        super().__init__(values)
+        self.asked: set[str] = set()
+
+    def get(self, key: str, default: Any = None) -> Any:  # type: ignore[override]
+        self.asked.add(key)
+        return super().get(key, default)
+
+    def __getitem__(self, key: str) -> str:
+        self.asked.add(key)
+        return super().__getitem__(key)
+
+
+def _unknown(env: _Recording) -> tuple[str, ...]:
+    # Compared without the common prefix, which would make every name look alike.
+    known = {name.removeprefix("MAILBOT_"): name for name in env.asked}
+    warnings = []
+    for name in sorted(env):
+        if not name.startswith("MAILBOT_") or name in env.asked or name.startswith(_NOT_SETTINGS):
+            continue
+        near = difflib.get_close_matches(name.removeprefix("MAILBOT_"), sorted(known), n=1, cutoff=0.7)
+        warnings.append(f"{name}: unknown" + (f"; did you mean {known[near[0]]}?" if near else ""))
+    return tuple(warnings)
 
 
 def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 0) -> int:
@@ -152,12 +188,13 @@ def load_settings(environ: Mapping[str, str] | None = None, env_file: Path | Non
         env_file = Path(named) if named else Path(".env")
         if not named and not env_file.is_file():
             env_file = None
-    env: dict[str, str] = {}
+    merged: dict[str, str] = {}
     if env_file is not None:
         if not env_file.is_file():
             raise SettingsError(f"MAILBOT_ENV_FILE has value {str(env_file)!r}. No such file.")
-        env.update(read_env_file(env_file))
-    env.update(environ)
+        merged.update(read_env_file(env_file))
+    merged.update(environ)
+    env = _Recording(merged)
 
     db_url = env.get("MAILBOT_DB") or Settings.db_url
     if "://" not in db_url:
@@ -180,8 +217,9 @@ def load_settings(environ: Mapping[str, str] | None = None, env_file: Path | Non
     log_level = (env.get("MAILBOT_LOG_LEVEL") or "INFO").upper()
     if log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise SettingsError(f"MAILBOT_LOG_LEVEL has value {log_level!r}. Expected DEBUG, INFO, WARNING or ERROR.")
+    log_format = _choice(env, "MAILBOT_LOG_FORMAT", "text", LOG_FORMATS)
 
-    return Settings(
+    settings = Settings(
         db_url=db_url,
         rules_dir=rules_dir,
         templates_dir=templates_dir,
@@ -211,4 +249,7 @@ def load_settings(environ: Mapping[str, str] | None = None, env_file: Path | Non
         notify_seconds=_float(env, "MAILBOT_NOTIFY_SECONDS", 30.0),
         rules_reload_seconds=_float(env, "MAILBOT_RULES_RELOAD_SECONDS", 2.0),
         log_level=log_level,
+        log_format=log_format,
     )
+    # Every setting has been read above: what is left over is unknown.
+    return replace(settings, warnings=_unknown(env))

@@ -102,7 +102,7 @@ def work_until_stopped(settings: Settings, share: tuple[int, int], stop: threadi
 def _worker_main(settings: Settings, share: tuple[int, int], rules: Rules) -> None:
     """A worker process's entry point (runs in a process forked by the fork server)."""
     _die_with_daemon()
-    setup_logging(settings.log_level)
+    setup_logging(settings.log_level, settings.log_format)
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())

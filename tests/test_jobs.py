@@ -260,3 +260,19 @@ def test_edited_rules_are_picked_up_within_5_seconds_and_a_bad_edit_keeps_the_ru
             stop.set()
             daemon.join(timeout=60)
     assert "departments.yaml:" in caplog.text and "sla_hourz" in caplog.text
+
+
+def test_the_start_line_says_where_outgoing_mail_goes_and_unknown_variables_are_warned(
+        sqlite_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture):
+    stop = threading.Event()
+    stop.set()
+    maildir = replace(Settings(db_url=sqlite_url), smtp_listen=None, sent_maildir=tmp_path / "sent",
+                      warnings=("MAILBOT_SMPT_HOST: unknown; did you mean MAILBOT_SMTP_HOST?",))
+    relay = replace(Settings(db_url=sqlite_url), smtp_listen=None, smtp_host="relay.example", smtp_port=2587)
+    with caplog.at_level("INFO", logger="mailbot.jobs"):
+        jobs.run_daemon(maildir, stop)
+        jobs.run_daemon(relay, stop)
+    assert f"outgoing=maildir:{tmp_path / 'sent'}" in caplog.text
+    assert "outgoing=smtp://relay.example:2587(tls=starttls)" in caplog.text
+    warned = [r for r in caplog.records if r.levelname == "WARNING" and "MAILBOT_SMPT_HOST" in r.getMessage()]
+    assert len(warned) == 1 and "did you mean MAILBOT_SMTP_HOST?" in warned[0].getMessage()

@@ -158,3 +158,25 @@ def test_passwords_never_appear_in_repr():
     assert "smtp_password='***'" in repr(settings)
     assert "imap_user='inquiries'" in repr(settings)
     assert "smtp_password=None" in repr(load_settings({}))
+
+
+def test_a_misspelt_variable_is_named_with_the_nearest_known_one(empty_folder: Path):
+    (empty_folder / ".env").write_text("MAILBOT_WORKER=2\n")
+    settings = load_settings({"MAILBOT_SMPT_HOST": "relay.example", "MAILBOT_FROBNICATE": "1",
+                              "MAILBOT_SMTP_PORT": "2525", "MAILBOT_TEST_PG": "postgresql://x/y", "HOME": "/root"})
+    assert settings.warnings == (
+        "MAILBOT_FROBNICATE: unknown",
+        "MAILBOT_SMPT_HOST: unknown; did you mean MAILBOT_SMTP_HOST?",
+        "MAILBOT_WORKER: unknown; did you mean MAILBOT_WORKERS?",
+    )
+    assert settings.smtp_host is None and settings.workers == 1  # a misspelling sets nothing
+
+
+def test_known_variables_give_no_warning():
+    assert load_settings({"MAILBOT_SMTP_HOST": "relay.example", "MAILBOT_LOG_FORMAT": "json"}).warnings == ()
+
+
+def test_the_log_format_is_text_or_json():
+    assert load_settings({"MAILBOT_LOG_FORMAT": "JSON"}).log_format == "json"
+    with pytest.raises(SettingsError, match=r"MAILBOT_LOG_FORMAT has value 'xml'\. Expected one of: text, json\."):
+        load_settings({"MAILBOT_LOG_FORMAT": "xml"})
