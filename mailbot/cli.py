@@ -373,10 +373,11 @@ def transactions_import(csv_file: str, skip_bad: bool) -> None:
     for error in report.errors:
         click.echo(f"{csv_file}: {error}", err=True)
     if not report.applied:
-        click.echo(f"{len(report.errors)} bad line(s): nothing imported (fix them, or use --skip-bad)", err=True)
+        click.echo(f"{report.bad_lines} bad line(s) ({report.encoding}): nothing imported "
+                   "(fix them, or use --skip-bad)", err=True)
         sys.exit(1)
-    click.echo(f"imported {csv_file}: {report.created} new, {report.updated} updated, {report.unchanged} unchanged, "
-               f"{report.status_changes} status change(s), {len(report.errors)} bad line(s) skipped")
+    click.echo(f"imported {csv_file} ({report.encoding}): {report.created} new, {report.updated} updated, {report.unchanged} unchanged, "
+               f"{report.status_changes} status change(s), {report.bad_lines} bad line(s) skipped")
 
 
 @transactions_group.command("set-status")

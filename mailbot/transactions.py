@@ -8,7 +8,9 @@ with bulk statements so that 100,000 lines take seconds, not minutes.
 
 from __future__ import annotations
 
+import codecs
 import csv
+import io
 import re
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -67,6 +69,12 @@ class ImportReport:
     status_changes: int = 0
     errors: list[str] = field(default_factory=list)
     applied: bool = False
+    encoding: str = "UTF-8"
+
+    @property
+    def bad_lines(self) -> int:
+        """Lines with at least one error (errors read "line N: ...")."""
+        return len({error.split(":", 1)[0] for error in self.errors})
 
 
 def canonical_number(text: str, rules: Rules) -> str | None:
@@ -83,55 +91,83 @@ def canonical_number(text: str, rules: Rules) -> str | None:
     return f"{year}/{serial}"
 
 
-def _parse_row(line: int, values: list[str], rules: Rules) -> Row | str:
-    """A Row, or why the line is wrong."""
+def _parse_row(line: int, values: list[str], rules: Rules) -> Row | list[str]:
+    """A Row, or every reason the line is wrong (an export with three mistakes on a line
+    should need one round of corrections, not three)."""
     if len(values) != len(COLUMNS):
-        return f"line {line}: expected {len(COLUMNS)} columns ({','.join(COLUMNS)}), got {len(values)}"
+        return [f"line {line}: expected {len(COLUMNS)} columns ({','.join(COLUMNS)}), got {len(values)}"]
     number_text, department, status, emails, name, updated = (value.strip() for value in values)
+    errors = []
     number = canonical_number(number_text, rules)
     if number is None:
-        return f"line {line}: bad transaction number {number_text!r} (expected YYYY/SERIAL, e.g. 1446/00321)"
+        errors.append(f"line {line}: bad transaction number {number_text!r} (expected YYYY/SERIAL, e.g. 1446/00321)")
     if department not in rules.department_ids():
-        return f"line {line}: unknown department {department!r} (expected {', '.join(rules.department_ids())})"
+        errors.append(f"line {line}: unknown department {department!r} (expected {', '.join(rules.department_ids())})")
     if status not in rules.status_ids():
-        return f"line {line}: unknown status {status!r} (expected {', '.join(rules.status_ids())})"
+        errors.append(f"line {line}: unknown status {status!r} (expected {', '.join(rules.status_ids())})")
     addresses = [address.lower() for address in re.split(r"[\s;,]+", emails) if address]
-    bad = [address for address in addresses if not _EMAIL.match(address)]
-    if bad:
-        return f"line {line}: bad email {bad[0]!r}"
+    errors += [f"line {line}: bad email {address!r}" for address in addresses if not _EMAIL.match(address)]
     try:
         when = datetime.fromisoformat(updated)
     except ValueError:
-        return f"line {line}: bad date {updated!r} (expected ISO 8601, e.g. 2025-01-30T10:00:00+03:00)"
+        errors.append(f"line {line}: bad date {updated!r} (expected ISO 8601, e.g. 2025-01-30T10:00:00+03:00)")
+    if errors or number is None:
+        return errors
     # A date without an offset is taken as UTC rather than the server's local time.
     when = when.replace(tzinfo=timezone.utc) if when.tzinfo is None else when.astimezone(timezone.utc)
     return Row(line, number, department, status, " ".join(dict.fromkeys(addresses)), name or None, when)
 
 
-def read_csv(path: Path, rules: Rules, progress: Callable[[int], None] | None = None) -> tuple[list[Row], list[str]]:
-    """Every good row and every error (with its line number) of a back-office CSV."""
+def decode_csv(data: bytes) -> tuple[str, str]:
+    """(text, encoding name) of a back-office export: UTF-8 with or without a BOM, else
+    Windows-1256, which is what Excel saves Arabic sheets as ("CSV" rather than "CSV UTF-8")."""
+    if data.startswith(codecs.BOM_UTF8):
+        return data[len(codecs.BOM_UTF8):].decode("utf-8", "replace"), "UTF-8 (with BOM)"
+    try:
+        return data.decode("utf-8"), "UTF-8"
+    except UnicodeDecodeError:
+        return data.decode("cp1256", "replace"), "Windows-1256"
+
+
+def _header(first_line: str) -> tuple[str | None, str | None]:
+    """(delimiter, error) read from the header line: ',' or ';' (Excel's list separator in
+    many locales) when the header names COLUMNS with it."""
+    for delimiter in (",", ";"):
+        names = [name.strip().strip('"').lower() for name in first_line.split(delimiter)]
+        if names == list(COLUMNS):
+            return delimiter, None
+    hint = ""
+    if first_line.count("\t") >= len(COLUMNS) - 1:
+        hint = " (the file is tab-separated: save it as CSV with ',' or ';')"
+    return None, f"line 1: expected the header {','.join(COLUMNS)}, got {first_line.strip()!r}{hint}"
+
+
+def read_csv(path: Path, rules: Rules, progress: Callable[[int], None] | None = None,
+             ) -> tuple[list[Row], list[str], str]:
+    """Every good row, every error (with its line number) and the encoding of a back-office CSV."""
     rows: list[Row] = []
     errors: list[str] = []
     first_line: dict[str, int] = {}
-    with open(path, newline="", encoding="utf-8-sig") as handle:
-        reader = csv.reader(handle)
-        header = next(reader, None)
-        if header is None or [name.strip().lower() for name in header] != list(COLUMNS):
-            return [], [f"line 1: expected the header {','.join(COLUMNS)}, got {','.join(header or [])!r}"]
-        for values in reader:
-            if progress is not None:
-                progress(1)
-            if not any(value.strip() for value in values):
-                continue
-            parsed = _parse_row(reader.line_num, values, rules)
-            if isinstance(parsed, str):
-                errors.append(parsed)
-            elif parsed.number in first_line:
-                errors.append(f"line {parsed.line}: transaction {parsed.number} already on line {first_line[parsed.number]}")
-            else:
-                first_line[parsed.number] = parsed.line
-                rows.append(parsed)
-    return rows, errors
+    text, encoding = decode_csv(path.read_bytes())
+    delimiter, error = _header(text.split("\n", 1)[0].rstrip("\r"))
+    if delimiter is None:
+        return [], [error or "line 1: no header"], encoding
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
+    next(reader)
+    for values in reader:
+        if progress is not None:
+            progress(1)
+        if not any(value.strip() for value in values):
+            continue
+        parsed = _parse_row(reader.line_num, values, rules)
+        if isinstance(parsed, list):
+            errors += parsed
+        elif parsed.number in first_line:
+            errors.append(f"line {parsed.line}: transaction {parsed.number} already on line {first_line[parsed.number]}")
+        else:
+            first_line[parsed.number] = parsed.line
+            rows.append(parsed)
+    return rows, errors, encoding
 
 
 def _chunks(items: list, size: int = _CHUNK) -> Iterator[list]:  # noqa: ANN001 - any list
@@ -190,8 +226,9 @@ def _write(connection: Connection, new: list[dict], changed: list[dict], history
 def import_csv(engine: Engine, path: Path, rules: Rules, skip_bad: bool = False,
                progress: Callable[[int], None] | None = None) -> ImportReport:
     """Read and import a back-office CSV; with errors and not ``skip_bad``, nothing is changed."""
-    rows, errors = read_csv(path, rules, progress)
-    report = ImportReport(rows=len(rows) + len(errors), errors=errors)
+    rows, errors, encoding = read_csv(path, rules, progress)
+    report = ImportReport(errors=errors, encoding=encoding)
+    report.rows = len(rows) + report.bad_lines
     if errors and not skip_bad:
         return report
     import_rows(engine, rows, report)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -10,6 +11,7 @@ from click.testing import CliRunner, Result
 from sqlalchemy import select
 from sqlalchemy.engine import Engine
 
+from mailbot import db
 from mailbot.cli import cli
 from mailbot.models import Transaction, TransactionHistory
 from mailbot.rules import Rules
@@ -100,7 +102,7 @@ def test_a_file_with_bad_lines_changes_nothing(db_url: str, engine: Engine, tmp_
     result = run(db_url, "transactions", "import", str(path))
     assert result.exit_code == 1
     assert result.stderr.splitlines() == [f"{path}: {error}" for error in BAD_ERRORS] + [
-        "7 bad line(s): nothing imported (fix them, or use --skip-bad)"]
+        "7 bad line(s) (UTF-8): nothing imported (fix them, or use --skip-bad)"]
     assert records(engine) == {}
 
 
@@ -108,10 +110,62 @@ def test_skip_bad_imports_the_good_lines(db_url: str, engine: Engine, tmp_path: 
     path = csv_file(tmp_path, BAD)
     result = run(db_url, "transactions", "import", str(path), "--skip-bad")
     assert result.exit_code == 0, result.output
-    assert result.stdout == (f"imported {path}: 2 new, 0 updated, 0 unchanged, 0 status change(s), "
+    assert result.stdout == (f"imported {path} (UTF-8): 2 new, 0 updated, 0 unchanged, 0 status change(s), "
                              "7 bad line(s) skipped\n")
     assert sorted(records(engine)) == ["1446/00321", "1446/00505"]
     assert records(engine)["1446/00505"][3] == "الاسم, مع فاصلة"
+
+
+def test_a_windows_1256_export_reads_back_equal_to_its_utf8_twin(db_url: str, tmp_path: Path) -> None:
+    body = GOOD + "1446/00600,rights,received,n@x.example,نورة بنت عبدالله القحطاني,2025-01-22T08:00:00+03:00\n"
+    utf8 = tmp_path / "utf8.csv"
+    utf8.write_text(HEADER + body, encoding="utf-8")
+    excel = tmp_path / "excel.csv"
+    excel.write_bytes((HEADER + body).replace("\n", "\r\n").replace("١٤٤٦/٠٠٤٠٠", "1446/00400").encode("cp1256"))
+    bom = tmp_path / "bom.csv"
+    bom.write_bytes(codecs.BOM_UTF8 + (HEADER + body).encode("utf-8"))
+    seen = {}
+    for path, encoding in ((utf8, "UTF-8"), (excel, "Windows-1256"), (bom, "UTF-8 (with BOM)")):
+        url = f"sqlite:///{tmp_path / (path.stem + '.db')}"
+        db.upgrade(url)
+        result = run(url, "transactions", "import", str(path))
+        assert result.exit_code == 0, result.output
+        assert result.stdout.startswith(f"imported {path} ({encoding}): 3 new")
+        seen[encoding] = records(db.get_engine(url))
+    assert seen["Windows-1256"] == seen["UTF-8"] == seen["UTF-8 (with BOM)"]
+    assert seen["Windows-1256"]["1446/00600"][3] == "نورة بنت عبدالله القحطاني"
+
+
+def test_a_semicolon_separated_export_is_read(engine: Engine, rules: Rules, tmp_path: Path) -> None:
+    path = tmp_path / "semicolon.csv"
+    path.write_text(HEADER.replace(",", ";") + GOOD.replace(",", ";").replace(";a@x.example; B@y.example;",
+                                                                               ";a@x.example B@y.example;"),
+                    encoding="utf-8")
+    report = import_csv(engine, path, rules)
+    assert (report.applied, report.created, report.errors) == (True, 2, [])
+    assert records(engine)["1446/00400"][2] == "a@x.example b@y.example"
+
+
+def test_a_tab_separated_export_is_refused_with_a_hint(engine: Engine, rules: Rules, tmp_path: Path) -> None:
+    path = tmp_path / "tabs.csv"
+    path.write_text(HEADER.replace(",", "\t") + GOOD.replace(",", "\t"), encoding="utf-8")
+    report = import_csv(engine, path, rules)
+    assert not report.applied and records(engine) == {}
+    assert report.errors[0].endswith("(the file is tab-separated: save it as CSV with ',' or ';')")
+
+
+def test_every_error_of_a_line_is_reported(engine: Engine, rules: Rules, tmp_path: Path) -> None:
+    report = import_csv(engine, csv_file(tmp_path, "1446/12,courts,lost,nobody,x,yesterday\n"), rules)
+    assert report.errors == [
+        "line 2: bad transaction number '1446/12' (expected YYYY/SERIAL, e.g. 1446/00321)",
+        "line 2: unknown department 'courts' (expected rights, prisons, criminal, statements, governorates, "
+        "completion, general)",
+        "line 2: unknown status 'lost' (expected received, under_review, awaiting_documents, forwarded, completed, "
+        "rejected)",
+        "line 2: bad email 'nobody'",
+        "line 2: bad date 'yesterday' (expected ISO 8601, e.g. 2025-01-30T10:00:00+03:00)",
+    ]
+    assert report.bad_lines == 1
 
 
 def test_wrong_header_is_refused(engine: Engine, rules: Rules, tmp_path: Path) -> None:
