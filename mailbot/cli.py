@@ -32,14 +32,25 @@ def _settings(*, warn: bool = True) -> Settings:
     return settings
 
 
-def _engine(settings: Settings):  # noqa: ANN202
-    """The engine, migrated to the newest schema; a clear error when unreachable."""
+def _engine(settings: Settings, *, create: bool = False):  # noqa: ANN202
+    """The engine; a clear error when the database is unreachable or not ready.
+
+    Only ``create`` (the commands that put data in: ``db upgrade``, ``transactions import``)
+    creates or migrates the database; every other command reads the schema's revision and
+    refuses when it is not this mailbot's, so it never creates an empty file by mistake nor
+    runs a migration beside a daemon that is running one.
+    """
     from sqlalchemy.exc import SQLAlchemyError
 
     from mailbot import db
 
     try:
-        db.upgrade(settings.db_url)
+        if create:
+            db.upgrade(settings.db_url)
+        else:
+            problem = db.schema_problem(settings.db_url)
+            if problem is not None:
+                raise click.ClickException(problem)
         return db.get_engine(settings.db_url)
     except SQLAlchemyError as error:
         raise click.ClickException(f"database {settings.db_url!r} cannot be used: {error.__class__.__name__}: {error.args[0] if error.args else error}") from None
@@ -68,8 +79,15 @@ def status(as_json: bool) -> None:
     settings = _settings()
     try:
         engine = db.get_engine(settings.db_url)
-        db.ping(engine)
-        db.upgrade(settings.db_url)
+        if db.missing_sqlite_file(settings.db_url) is None:
+            db.ping(engine)
+        problem = db.schema_problem(settings.db_url)
+        if problem is not None:
+            if as_json:
+                click.echo(json.dumps({"database": "not ready", "error": problem}))
+            else:
+                click.echo(f"database: not ready ({problem})", err=True)
+            sys.exit(1)
         report = {"database": "ok", "messages": store.count_by_state(engine)}
         health = queue.queue_health(engine, db.utcnow())
         report["queues"] = {"open": health.open_by_department, "overdue": health.overdue_by_department}
@@ -140,7 +158,7 @@ def db_group() -> None:
 def db_upgrade() -> None:
     """Apply every pending migration."""
     settings = _settings()
-    _engine(settings)
+    _engine(settings, create=True)
     click.echo("database schema is up to date")
 
 
@@ -362,7 +380,7 @@ def transactions_import(csv_file: str, skip_bad: bool) -> None:
     from mailbot.transactions import import_csv
 
     rules = _rules()
-    engine = _engine(_settings())
+    engine = _engine(_settings(), create=True)  # the back-office's first import may make the database
     if sys.stderr.isatty():
         with open(csv_file, "rb") as handle:
             lines = max(sum(1 for _ in handle) - 1, 0)

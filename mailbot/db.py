@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sqlite3
+import time
 from contextlib import contextmanager
 from functools import lru_cache
 from datetime import datetime, timezone
@@ -10,6 +12,8 @@ from typing import Iterator
 
 from alembic import command
 from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
 from sqlalchemy import Column, Insert, Table, event
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine, make_url
@@ -38,13 +42,30 @@ def is_sqlite(engine: Engine) -> bool:
     return engine.dialect.name == "sqlite"
 
 
+_TUNE_SECONDS = 30.0
+
+
 def _tune_sqlite(dbapi_connection, _record) -> None:  # noqa: ANN001 - DBAPI types
     # WAL lets the triage command and the web pages read while the daemon
     # writes; busy_timeout makes writers from several threads or processes
     # wait for each other instead of failing with "database is locked".
     cursor = dbapi_connection.cursor()
-    cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute("PRAGMA busy_timeout=30000")
+    deadline = time.monotonic() + _TUNE_SECONDS
+    pause = 0.01
+    while True:
+        try:
+            cursor.execute("PRAGMA busy_timeout=30000")
+            # Setting the journal mode takes a lock for which SQLite does not call its busy
+            # handler: while another process migrates or commits, it fails at once with
+            # "database is locked".  Once the file is in WAL mode (it stays so) it need not be set.
+            if cursor.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+                cursor.execute("PRAGMA journal_mode=WAL")
+            break
+        except sqlite3.OperationalError as error:
+            if "locked" not in str(error) or time.monotonic() > deadline:
+                raise
+            time.sleep(pause)
+            pause = min(pause * 2, 0.5)
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.close()
@@ -95,6 +116,38 @@ def alembic_config(url: str) -> Config:
 def upgrade(url: str) -> None:
     """Bring the database schema to the newest migration (idempotent)."""
     command.upgrade(alembic_config(url), "head")
+
+
+def missing_sqlite_file(url: str) -> Path | None:
+    """The file of an SQLite URL when it does not exist yet (connecting would create it)."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite" or not parsed.database or parsed.database == ":memory:":
+        return None
+    path = Path(parsed.database)
+    return None if path.exists() else path
+
+
+def schema_problem(url: str) -> str | None:
+    """Why a command other than ``run``/``db upgrade`` may not use the database now; None when
+    its schema is the one this mailbot's migrations end at.
+
+    Reads only: a command must never create a database by looking at it, nor run a
+    migration beside a daemon that is running one (the two would collide halfway).
+    """
+    missing = missing_sqlite_file(url)
+    if missing is not None:
+        return (f"database file {missing} does not exist: start the daemon (`mailbot run`) or create it "
+                "with `mailbot db upgrade` (is MAILBOT_DB right?)")
+    head = ScriptDirectory.from_config(alembic_config(url)).get_current_head()
+    with get_engine(url).connect() as connection:
+        current = MigrationContext.configure(connection).get_current_revision()
+    if current == head:
+        return None
+    if current is None:
+        return ("the database has no mailbot schema yet (a daemon starting now may be creating it): "
+                "try again in a moment, or run `mailbot db upgrade`")
+    return (f"the database schema is at revision {current} and this mailbot needs {head}: "
+            "run `mailbot db upgrade` (the daemon does it at start)")
 
 
 def ping(engine: Engine) -> None:

@@ -171,3 +171,42 @@ def test_quarantine_bad_arguments_are_usage_errors(invoke):
     not_a_number = invoke("quarantine", "show", "abc")
     assert not_a_number.exit_code == 2
     assert "Error: Invalid value for 'ID': 'abc' is not a valid integer." in not_a_number.stderr
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+@pytest.mark.parametrize("command", [("status",), ("queue", "list"), ("quarantine", "list"), ("outbox", "list"),
+                                     ("transactions", "show", "1446/00321")])
+def test_a_command_on_a_database_file_that_does_not_exist_says_so_and_creates_nothing(
+        invoke, tmp_path: Path, command: tuple[str, ...]):
+    missing = tmp_path / "typo.db"
+    result = CliRunner().invoke(cli, list(command), env={"MAILBOT_DB": f"sqlite:///{missing}"})
+    assert result.exit_code == 1
+    assert f"database file {missing} does not exist" in result.output
+    assert "mailbot db upgrade" in result.output
+    assert not missing.exists()
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_db_upgrade_and_the_first_import_create_the_database(invoke, tmp_path: Path):
+    created = tmp_path / "new.db"
+    assert invoke("db", "upgrade", database=f"sqlite:///{created}").exit_code == 0
+    assert created.exists() and invoke("status", database=f"sqlite:///{created}").exit_code == 0
+    export = tmp_path / "export.csv"
+    export.write_text("number,department,status,applicant_email,applicant_name,updated_at\n"
+                      "1446/00321,prisons,received,a@x.example,أحمد,2025-01-20T10:00:00+03:00\n", encoding="utf-8")
+    imported = invoke("transactions", "import", str(export), database=f"sqlite:///{tmp_path / 'first.db'}")
+    assert imported.exit_code == 0, imported.output
+
+
+def test_a_command_never_migrates_a_database_it_finds_older(invoke, db_url: str):
+    from alembic import command
+    from alembic.runtime.migration import MigrationContext
+
+    command.downgrade(db.alembic_config(db_url), "0003")
+    result = invoke("queue", "list")
+    assert result.exit_code == 1
+    assert "the database schema is at revision 0003 and this mailbot needs" in result.output
+    status = invoke("status", "--json")
+    assert status.exit_code == 1 and json.loads(status.stdout)["database"] == "not ready"
+    with db.get_engine(db_url).connect() as connection:
+        assert MigrationContext.configure(connection).get_current_revision() == "0003"  # left to the daemon
