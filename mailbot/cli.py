@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -68,13 +69,14 @@ def cli() -> None:
 @cli.command()
 @click.option("--json", "as_json", is_flag=True, help="One JSON object instead of text.")
 def status(as_json: bool) -> None:
-    """Health: messages, processing backlog, queues, outbox, intake.
+    """Health: the daemons serving this database, messages, processing backlog, queues, outbox,
+    intake, the relay and the rules in force.
 
-    Exits 1 when the database cannot be reached, stored mail waits unprocessed, outgoing mail is stuck
-    or IMAP intake keeps failing."""
+    Exits 1 when the database cannot be reached, no daemon runs against it, stored mail waits
+    unprocessed, outgoing mail is stuck, or IMAP intake or the relay keeps failing."""
     from sqlalchemy.exc import SQLAlchemyError
 
-    from mailbot import db, queue, store
+    from mailbot import db, health, queue, rules_in_force, store
 
     settings = _settings()
     try:
@@ -88,18 +90,25 @@ def status(as_json: bool) -> None:
             else:
                 click.echo(f"database: not ready ({problem})", err=True)
             sys.exit(1)
-        report = {"database": "ok", "messages": store.count_by_state(engine)}
-        health = queue.queue_health(engine, db.utcnow())
-        report["queues"] = {"open": health.open_by_department, "overdue": health.overdue_by_department}
-        report["outbox"] = {**health.outbox, "stuck": health.outbox_stuck}
         now = db.utcnow()
+        daemons = health.daemons(engine)
+        alive = [daemon for daemon in daemons if daemon.is_alive(now)]
+        report: dict[str, Any] = {
+            "database": "ok",
+            "daemons": [{"id": daemon.id, "version": daemon.version, "started_at": daemon.started_at.isoformat(),
+                         "heartbeat_at": daemon.heartbeat_at.isoformat()} for daemon in alive],
+            "messages": store.count_by_state(engine),
+        }
+        queues = queue.queue_health(engine, now)
+        report["queues"] = {"open": queues.open_by_department, "overdue": queues.overdue_by_department}
+        report["outbox"] = {**queues.outbox, "stuck": queues.outbox_stuck}
         backlog = store.processing_backlog(engine, now)
         report["processing"] = {
             "waiting": backlog.waiting,
             "oldest_received_at": backlog.oldest_received_at.isoformat() if backlog.oldest_received_at else None,
             "stuck": backlog.stuck,
         }
-        intakes = store.intake_health(engine)
+        outcomes = store.intake_health(engine)
         report["intake"] = {
             intake.name: {
                 "last_ok_at": intake.last_ok_at.isoformat() if intake.last_ok_at else None,
@@ -107,7 +116,14 @@ def status(as_json: bool) -> None:
                 "last_error": intake.last_error,
                 "failing": intake.is_failing(now),
             }
-            for intake in intakes
+            for intake in outcomes
+        }
+        report["relay"] = report["intake"].pop(health.RELAY, None)
+        kept = rules_in_force.saved(engine)
+        report["rules"] = None if kept is None else {
+            "saved_at": kept.saved_at.isoformat(),
+            "refused_at": kept.refused_at.isoformat() if kept.refused_at else None,
+            "refused": kept.refused,
         }
     except SQLAlchemyError as error:
         message = f"{error.__class__.__name__}: {str(error).splitlines()[0]}"
@@ -120,32 +136,45 @@ def status(as_json: bool) -> None:
         click.echo(json.dumps(report, ensure_ascii=False))
     else:
         click.echo("database: ok")
+        for daemon in alive:
+            click.echo(f"daemon {daemon.id}: mailbot {daemon.version}, running since "
+                       f"{daemon.started_at:%Y-%m-%d %H:%M:%S} UTC, last heartbeat {daemon.heartbeat_at:%H:%M:%S} UTC")
         click.echo("messages:")
         for state, count in report["messages"].items():
             click.echo(f"  {state:<12} {count}")
         click.echo("queues (open / overdue):")
-        for department, count in sorted(health.open_by_department.items()):
-            click.echo(f"  {department:<12} {count} / {health.overdue_by_department.get(department, 0)}")
+        for department, count in sorted(queues.open_by_department.items()):
+            click.echo(f"  {department:<12} {count} / {queues.overdue_by_department.get(department, 0)}")
         click.echo(f"processing: {backlog.waiting} waiting"
                    + (f", oldest received {backlog.oldest_received_at:%Y-%m-%d %H:%M:%S} UTC"
                       if backlog.oldest_received_at else ""))
         click.echo("outbox:")
         for state, count in report["outbox"].items():
             click.echo(f"  {state:<12} {count}")
-        for intake in intakes:
-            click.echo(f"intake {intake.name}: last ok {intake.last_ok_at or 'never'}"
+        for intake in outcomes:
+            label = "relay" if intake.name == health.RELAY else f"intake {intake.name}"
+            click.echo(f"{label}: last ok {intake.last_ok_at or 'never'}"
                        + (f", last error {intake.last_error_at}: {intake.last_error}" if intake.last_error_at else ""))
-    failing = [intake for intake in intakes if intake.is_failing(now)]
+        if kept is not None:
+            click.echo(f"rules in force: loaded {kept.saved_at:%Y-%m-%d %H:%M:%S} UTC"
+                       + (f"; last reload refused {kept.refused_at:%Y-%m-%d %H:%M:%S} UTC: {kept.refused}"
+                          if kept.refused_at else ""))
+    if not alive:
+        last = f" (the last heartbeat, from {daemons[0].id}, was at {daemons[0].heartbeat_at:%Y-%m-%d %H:%M:%S} UTC)" \
+            if daemons else ""
+        click.echo(f"no daemon: no `mailbot run` is serving this database{last}", err=True)
+    failing = [intake for intake in outcomes if intake.is_failing(now)]
     for intake in failing:
-        click.echo(f"intake {intake.name} failing: {intake.last_error}", err=True)
-    if health.is_stuck:
-        click.echo(f"outbox stuck: {health.outbox_stuck} mail(s) unsent for over "
+        label = "relay" if intake.name == health.RELAY else f"intake {intake.name}"
+        click.echo(f"{label} failing: {intake.last_error}", err=True)
+    if queues.is_stuck:
+        click.echo(f"outbox stuck: {queues.outbox_stuck} mail(s) unsent for over "
                    f"{int(queue.STUCK_AFTER.total_seconds() // 60)} minutes", err=True)
     if backlog.stuck:
         click.echo(f"processing stuck: {backlog.stuck} mail(s) stored over "
                    f"{int(store.PROCESSING_GRACE.total_seconds() // 60)} minutes ago and not processed "
                    "(is `mailbot run` running? its log names a worker that keeps failing)", err=True)
-    if health.is_stuck or failing or backlog.stuck:
+    if not alive or queues.is_stuck or failing or backlog.stuck:
         sys.exit(1)
 
 
@@ -295,12 +324,27 @@ def quarantine_retry(message_id: int | None, retry_all: bool) -> None:
 
 
 def _rules():  # noqa: ANN202 - Rules, imported lazily
+    """The rules on disk; while they are refused (an admin mid-edit), the rules in force that the
+    daemon kept in the database, with a warning on stderr that says why the files are refused."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from mailbot import db, rules_in_force
     from mailbot.rules import RulesError, load_rules
 
+    settings = _settings()
     try:
-        return load_rules(_settings().rules_dir)
+        return load_rules(settings.rules_dir)
     except RulesError as error:
-        raise click.ClickException(str(error)) from None
+        refused = error
+    try:
+        kept = None if db.schema_problem(settings.db_url) else rules_in_force.saved(db.get_engine(settings.db_url))
+    except SQLAlchemyError:
+        kept = None
+    if kept is None:
+        raise click.ClickException(str(refused)) from None
+    click.echo(f"warning: {refused}\nwarning: using the rules in force, as the daemon loaded them at "
+               f"{kept.saved_at:%Y-%m-%d %H:%M:%S} UTC", err=True)
+    return kept.rules()
 
 
 @cli.group("rules")
@@ -476,13 +520,9 @@ def _inquiry_ref(_ctx: click.Context, _param: click.Parameter, value: str) -> in
 def _queue_do(action) -> None:  # noqa: ANN001 - callable(session, rules, now)
     """Run one queue action in one transaction; a refusal is one line on stderr, exit 1."""
     from mailbot import db, queue, reply
-    from mailbot.rules import RulesError, load_rules
 
     settings = _settings()
-    try:
-        rules = load_rules(settings.rules_dir)
-    except RulesError as error:
-        raise click.ClickException(str(error)) from None
+    rules = _rules()
     engine = _engine(settings)
     try:
         with db.session(engine) as session:

@@ -5,13 +5,14 @@ from __future__ import annotations
 import logging
 import signal
 import threading
-from datetime import timezone
+from datetime import datetime, timezone
 from multiprocessing.process import BaseProcess
 
 from apscheduler.schedulers.background import BackgroundScheduler
 from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.exc import SQLAlchemyError
 
-from mailbot import db, notify, outbox, workers
+from mailbot import db, health, notify, outbox, rules_in_force, workers
 from mailbot.intake.smtp import IngressServer, accepted_addresses
 from mailbot.rules import Rules, RulesReloader
 from mailbot.settings import Settings
@@ -31,12 +32,22 @@ def send_outbox(engine: Engine, settings: Settings, stop: threading.Event) -> No
         pass
 
 
-def reload_rules(reloader: RulesReloader, servers: list[IngressServer]) -> None:
-    """Swap in edited rules (a bad edit is refused inside the reloader, the rules in force stay)."""
-    before = reloader.rules
+def reload_rules(engine: Engine, reloader: RulesReloader, servers: list[IngressServer]) -> None:
+    """Swap in edited rules (a bad edit is refused inside the reloader, the rules in force stay).
+
+    The rules in force are kept in the database for the commands, and a refusal is noted there
+    for `mailbot status`."""
+    before, refused = reloader.rules, reloader.refused
     if reloader.reload_if_changed() is not before:
+        rules_in_force.save(engine, reloader.folder)
         for server in servers:
             server.handler.accepted = accepted_addresses(reloader.rules)
+    elif reloader.refused and reloader.refused is not refused:
+        rules_in_force.record_refused(engine, reloader.refused)
+
+
+def heartbeat(engine: Engine, started_at: datetime) -> None:
+    health.beat(engine, started_at)
 
 
 def notify_changes(engine: Engine, reloader: RulesReloader, settings: Settings) -> None:
@@ -108,6 +119,9 @@ def run_daemon(settings: Settings, stop: threading.Event | None = None) -> None:
     engine = db.get_engine(settings.db_url)
     reloader = RulesReloader(settings.rules_dir)
     rules = reloader.rules
+    rules_in_force.save(engine, reloader.folder)
+    started_at = db.utcnow()
+    health.beat(engine, started_at)
     if threading.current_thread() is threading.main_thread():
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, lambda *_: stop.set())
@@ -124,7 +138,8 @@ def run_daemon(settings: Settings, stop: threading.Event | None = None) -> None:
             (send_outbox, settings.outbox_seconds, (engine, settings, stop)),
             (notify_changes, settings.notify_seconds, (engine, reloader, settings)),
             (escalate, settings.notify_seconds, (engine, reloader, settings)),
-            (reload_rules, settings.rules_reload_seconds, (reloader, servers)),
+            (reload_rules, settings.rules_reload_seconds, (engine, reloader, servers)),
+            (heartbeat, health.HEARTBEAT_SECONDS, (engine, started_at)),
         )
         for job, seconds, args in jobs:
             scheduler.add_job(job, "interval", seconds=seconds, args=args, id=job.__name__,
@@ -144,4 +159,13 @@ def run_daemon(settings: Settings, stop: threading.Event | None = None) -> None:
         workers.stop_all(processes)
         if scheduler.running:
             scheduler.shutdown(wait=True)
+        _forget(engine)
     log.info("mailbot stopped")
+
+
+def _forget(engine: Engine) -> None:
+    """Remove this daemon's heartbeat; a database gone at the stop leaves it to go stale."""
+    try:
+        health.forget(engine)
+    except SQLAlchemyError as error:
+        log.warning("heartbeat not removed (it goes stale): %s", error.__class__.__name__)

@@ -86,6 +86,31 @@ class IntakeState(SQLModel, table=True):
     last_error: str | None = Field(default=None, sa_column=Column(Text))
 
 
+class Daemon(SQLModel, table=True):
+    """A running `mailbot run`: its heartbeat tells `mailbot status` whether anyone serves this database."""
+
+    __tablename__ = "daemon"
+
+    id: str = Field(primary_key=True, max_length=255)  # host:pid
+    version: str = Field(max_length=64)
+    started_at: datetime
+    heartbeat_at: datetime
+
+
+class RulesInForce(SQLModel, table=True):
+    """The rules a daemon last loaded (the YAML files as they were), and its last refused reload:
+    commands use these while the files on disk are mid-edit and broken."""
+
+    __tablename__ = "rules_in_force"
+
+    id: int = Field(default=1, primary_key=True)  # one row
+    files: str = Field(sa_column=Column(Text, nullable=False))  # JSON {file name: text}
+    fingerprint: str = Field(max_length=64)
+    saved_at: datetime
+    refused_at: datetime | None = None
+    refused: str | None = Field(default=None, sa_column=Column(Text))
+
+
 class Transaction(SQLModel, table=True):
     """A back-office record: who applied, which department, where it stands."""
 

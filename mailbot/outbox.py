@@ -50,7 +50,7 @@ from sqlalchemy import bindparam, func, select, update
 from sqlalchemy.engine import Connection, Engine
 from sqlmodel import Session
 
-from mailbot import db
+from mailbot import db, health
 from mailbot.models import Outbox, Undeliverable
 from mailbot.reply import OutgoingMail
 from mailbot.rules import Rules
@@ -281,6 +281,7 @@ def _send_batch(settings: Settings, sender: str, batch: list[tuple[int, str, byt
         # always temporary, even a 535, so the mail goes once the operator fixes it.
         for outbox_id, _recipient, _raw, attempts in batch:
             _record_failure(connection, outbox_id, attempts, TemporaryError(str(_smtp_error(error))))
+        health.note_outcome(connection, health.RELAY, str(_smtp_error(error)))
         return 0
     with smtp:
         for position, (outbox_id, recipient, raw, attempts) in enumerate(batch):
@@ -299,11 +300,14 @@ def _send_batch(settings: Settings, sender: str, batch: list[tuple[int, str, byt
                     # The connection is gone: the rest of the batch is tried again later.
                     for other_id, _recipient, _raw, other_attempts in batch[position + 1:]:
                         _record_failure(connection, other_id, other_attempts, _smtp_error(gone))
+                    health.note_outcome(connection, health.RELAY, str(_smtp_error(gone)))
                     return sent
                 continue
             _finish(connection, outbox_id, state=SENT, sent_at=db.utcnow(), last_error=None)
             log.info("outbox=%s recipient=%s sent via %s", outbox_id, recipient, settings.smtp_host)
             sent += 1
+    if sent:
+        health.note_outcome(connection, health.RELAY)
     return sent
 
 

@@ -369,6 +369,7 @@ class RulesReloader:
         """``rules``: the rules a running daemon has in force (a restarted worker takes them, even
         while the files are mid-edit and broken); the files are then read at the first check."""
         self.folder = Path(folder)
+        self.refused: list[str] = []  # the errors of the last refused reload; empty once one succeeds
         if rules is None:
             self._seen: object = _fingerprint(self.folder)
             self.rules = load_rules(self.folder)
@@ -385,6 +386,8 @@ class RulesReloader:
             self.rules = load_rules(self.folder)
         except RulesError as error:
             log.error("rules_dir=%s reload refused, rules in force kept: %s", self.folder, "; ".join(error.errors))
+            self.refused = error.errors
             return self.rules
+        self.refused = []
         log.info("rules_dir=%s reloaded departments=%d routing_rules=%d", self.folder, len(self.rules.departments), len(self.rules.routing))
         return self.rules

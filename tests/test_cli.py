@@ -11,8 +11,8 @@ from click.testing import CliRunner, Result
 from sqlalchemy import update
 from sqlalchemy.engine import Engine
 
-from mailbot import db, pipeline, store
-from mailbot.models import IntakeState, Message
+from mailbot import db, health, pipeline, rules_in_force, store
+from mailbot.models import Daemon, IntakeState, Message
 from mailbot.cli import cli
 from mailbot.rules import Rules
 
@@ -38,6 +38,12 @@ def invoke(db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
 
 
 @pytest.fixture
+def serving(engine: Engine) -> None:
+    """A daemon's heartbeat in the database, as `mailbot run` writes it."""
+    health.beat(engine, db.utcnow())
+
+
+@pytest.fixture
 def quarantined(engine: Engine, rules: Rules, exploding_parse) -> int:
     """One good mail processed, one quarantined by a stage that raised."""
     store.store_raw(engine, GOOD, origin="smtp")
@@ -47,7 +53,7 @@ def quarantined(engine: Engine, rules: Rules, exploding_parse) -> int:
     return boom
 
 
-def test_status_json_counts_messages_by_state(invoke, engine: Engine, quarantined: int):
+def test_status_json_counts_messages_by_state(invoke, engine: Engine, quarantined: int, serving: None):
     store.store_raw(engine, b"From: late@example.com\r\n\r\nlate\r\n", origin="smtp")
     result = invoke("status", "--json")
     assert result.exit_code == 0, result.output
@@ -56,7 +62,7 @@ def test_status_json_counts_messages_by_state(invoke, engine: Engine, quarantine
     assert report["messages"] == {"received": 1, "processed": 1, "quarantined": 1}
 
 
-def test_status_fails_while_stored_mail_waits_unprocessed(invoke, engine: Engine):
+def test_status_fails_while_stored_mail_waits_unprocessed(invoke, engine: Engine, serving: None):
     late = store.store_raw(engine, b"From: late@example.com\r\n\r\nlate\r\n", origin="smtp").id
     fresh = invoke("status", "--json")
     assert fresh.exit_code == 0, fresh.output
@@ -73,7 +79,7 @@ def test_status_fails_while_stored_mail_waits_unprocessed(invoke, engine: Engine
     assert "processing stuck: 1 mail(s) stored over 10 minutes ago and not processed" in text.stderr
 
 
-def test_status_text(invoke, quarantined: int):
+def test_status_text(invoke, quarantined: int, serving: None):
     result = invoke("status")
     assert result.exit_code == 0
     assert "database: ok" in result.stdout
@@ -88,7 +94,7 @@ def test_status_exits_non_zero_when_the_database_is_unreachable(invoke):
     assert report["error"].startswith("OperationalError: (psycopg.OperationalError) connection failed")
 
 
-def test_status_reports_imap_health_and_fails_while_imap_keeps_failing(invoke, engine: Engine):
+def test_status_reports_imap_health_and_fails_while_imap_keeps_failing(invoke, engine: Engine, serving: None):
     from mailbot.intake.imap import record_health
 
     record_health(engine)
@@ -190,7 +196,10 @@ def test_a_command_on_a_database_file_that_does_not_exist_says_so_and_creates_no
 def test_db_upgrade_and_the_first_import_create_the_database(invoke, tmp_path: Path):
     created = tmp_path / "new.db"
     assert invoke("db", "upgrade", database=f"sqlite:///{created}").exit_code == 0
-    assert created.exists() and invoke("status", database=f"sqlite:///{created}").exit_code == 0
+    assert created.exists()
+    fresh = invoke("status", database=f"sqlite:///{created}")
+    assert fresh.exit_code == 1 and "database: ok" in fresh.stdout  # no daemon yet, which it says
+    assert "no daemon: no `mailbot run` is serving this database" in fresh.stderr
     export = tmp_path / "export.csv"
     export.write_text("number,department,status,applicant_email,applicant_name,updated_at\n"
                       "1446/00321,prisons,received,a@x.example,أحمد,2025-01-20T10:00:00+03:00\n", encoding="utf-8")
@@ -210,3 +219,70 @@ def test_a_command_never_migrates_a_database_it_finds_older(invoke, db_url: str)
     assert status.exit_code == 1 and json.loads(status.stdout)["database"] == "not ready"
     with db.get_engine(db_url).connect() as connection:
         assert MigrationContext.configure(connection).get_current_revision() == "0003"  # left to the daemon
+
+
+def test_status_names_the_daemon_serving_the_database_and_fails_without_one(invoke, engine: Engine):
+    silent = invoke("status", "--json")
+    assert silent.exit_code == 1
+    assert json.loads(silent.stdout)["daemons"] == []
+    health.beat(engine, db.utcnow() - timedelta(hours=2))
+    serving = invoke("status")
+    assert serving.exit_code == 0, serving.output
+    assert f"daemon {health.daemon_id()}: mailbot " in serving.stdout
+    assert "running since" in serving.stdout
+    # The daemon was killed: its heartbeat goes stale, and status says which one was last seen.
+    with engine.begin() as connection:
+        connection.execute(update(Daemon.__table__).values(heartbeat_at=db.utcnow() - timedelta(minutes=5)))
+    dead = invoke("status")
+    assert dead.exit_code == 1
+    assert f"no daemon: no `mailbot run` is serving this database (the last heartbeat, from {health.daemon_id()}" \
+        in dead.stderr
+    health.forget(engine)  # a clean stop removes the heartbeat
+    assert "(the last heartbeat" not in invoke("status").stderr
+
+
+def test_status_shows_the_relays_last_success_and_failure(invoke, engine: Engine, serving: None):
+    health.record_outcome(engine, health.RELAY)
+    health.record_outcome(engine, health.RELAY, "ConnectionRefusedError: [Errno 111] Connection refused")
+    report = json.loads(invoke("status", "--json").stdout)
+    assert report["relay"]["last_ok_at"] is not None
+    assert report["relay"]["last_error"] == "ConnectionRefusedError: [Errno 111] Connection refused"
+    assert "relay" not in report["intake"]
+    text = invoke("status").stdout
+    assert "relay: last ok " in text and ", last error " in text
+    with engine.begin() as connection:  # failing for longer than the grace period: page the operator
+        connection.execute(update(IntakeState.__table__).values(last_ok_at=db.utcnow() - timedelta(minutes=11)))
+    failing = invoke("status")
+    assert failing.exit_code == 1
+    assert "relay failing: ConnectionRefusedError" in failing.stderr
+
+
+def broken_copy(rules_dir: Path, into: Path) -> Path:
+    """The rules folder as an admin leaves it mid-edit: one file does not parse."""
+    into.mkdir()
+    for path in rules_dir.glob("*.yaml"):
+        (into / path.name).write_text(path.read_text(encoding="utf-8"), encoding="utf-8")
+    (into / "routing.yaml").write_text("rules:\n  - id: half\n    when: [\n", encoding="utf-8")
+    return into
+
+
+def test_commands_keep_the_rules_in_force_while_the_files_are_refused(db_url: str, engine: Engine, tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch):
+    from mailbot.settings import SHIPPED_RULES
+
+    monkeypatch.chdir(tmp_path)
+    broken = broken_copy(Path(SHIPPED_RULES), tmp_path / "rules")
+    env = {"MAILBOT_DB": db_url, "MAILBOT_RULES": str(broken)}
+    refused = CliRunner().invoke(cli, ["queue", "list"], env=env)
+    assert refused.exit_code == 1 and "routing.yaml" in refused.stderr  # no daemon kept any rules: nothing to fall back on
+    rules_in_force.save(engine, Path(SHIPPED_RULES))  # what a daemon does when it loads good rules
+    rules_in_force.record_refused(engine, ["routing.yaml:4:1: did not parse"])
+    listed = CliRunner().invoke(cli, ["queue", "list"], env=env)
+    assert listed.exit_code == 0, listed.output
+    assert "routing.yaml" in listed.stderr
+    assert "warning: using the rules in force, as the daemon loaded them at " in listed.stderr
+    shown = CliRunner().invoke(cli, ["transactions", "show", "1446/99999"], env=env)
+    assert "no transaction 1446/99999 on file" in shown.stderr  # it got past the rules
+    health.beat(engine, db.utcnow())
+    status = CliRunner().invoke(cli, ["status"], env=env)
+    assert "; last reload refused " in status.stdout and "routing.yaml:4:1: did not parse" in status.stdout

@@ -22,7 +22,7 @@ from sqlalchemy.engine import Engine
 
 from conftest import MAILBOT
 from dovecot import Dovecot
-from mailbot import jobs
+from mailbot import db, health, jobs, rules_in_force
 from mailbot.models import Message
 from mailbot.settings import Settings
 
@@ -251,15 +251,23 @@ def test_edited_rules_are_picked_up_within_5_seconds_and_a_bad_edit_keeps_the_ru
                 "aliases: [prisons@emirate.example]", "aliases: [prisons@emirate.example, visits@emirate.example]"),
                 encoding="utf-8")
             wait_for(lambda: rcpt_answer(port, "visits@emirate.example") == 250, 5, "the new alias to be accepted")
+            engine = db.get_engine(sqlite_url)
+            wait_for(lambda: "visits@" in rules_in_force.saved(engine).files["departments.yaml"], 5,
+                     "the new rules kept in the database for the commands")
+            assert [daemon.id for daemon in health.daemons(engine)] == [health.daemon_id()]
             # A typo on Thursday evening: refused, the rules in force stay.
             departments.write_text(departments.read_text(encoding="utf-8").replace(
                 "sla_hours: 24", "sla_hourz: 24", 1), encoding="utf-8")
             wait_for(lambda: "reload refused" in caplog.text, 5, "the bad edit to be refused")
             assert rcpt_answer(port, "visits@emirate.example") == 250
+            wait_for(lambda: "sla_hourz" in (rules_in_force.saved(engine).refused or ""), 5,
+                     "the refusal noted for `mailbot status`")
+            assert "visits@" in rules_in_force.saved(engine).files["departments.yaml"]  # the good ones stay kept
         finally:
             stop.set()
             daemon.join(timeout=60)
     assert "departments.yaml:" in caplog.text and "sla_hourz" in caplog.text
+    assert health.daemons(engine) == []  # a clean stop removes the heartbeat
 
 
 def test_the_start_line_says_where_outgoing_mail_goes_and_unknown_variables_are_warned(
@@ -294,11 +302,17 @@ def test_status_run_while_a_fresh_daemon_creates_the_schema_does_not_break_it(tm
             status = subprocess.run([*MAILBOT, "status"], cwd=tmp_path, env=env, capture_output=True, timeout=60)
             answers.append((status.returncode, status.stderr.decode()))
         assert daemon.poll() is None, log_path.read_text()
+        running = subprocess.run([*MAILBOT, "status"], cwd=tmp_path, env=env, capture_output=True, timeout=60)
+        assert running.returncode == 0, running.stderr.decode()
+        assert f"daemon {socket.gethostname()}:{daemon.pid}: mailbot " in running.stdout.decode()
     finally:
         daemon.send_signal(signal.SIGTERM)
         assert daemon.wait(timeout=60) == 0, log_path.read_text()
+    stopped = subprocess.run([*MAILBOT, "status"], cwd=tmp_path, env=env, capture_output=True, timeout=60)
+    assert stopped.returncode == 1 and "no daemon: no `mailbot run` is serving this database" in stopped.stderr.decode()
     assert answers, "status never ran while the daemon started"
     for code, stderr in answers:
         # Before the schema is whole, status says so and changes nothing; after, it reports.
-        assert code == 0 or "database file" in stderr or "database: not ready" in stderr, stderr
+        assert (code == 0 or "database file" in stderr or "database: not ready" in stderr
+                or "no daemon" in stderr), stderr
     assert "already exists" not in log_path.read_text()

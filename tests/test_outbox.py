@@ -19,7 +19,7 @@ from click.testing import CliRunner
 from sqlalchemy import select, update
 from sqlalchemy.engine import Engine
 
-from mailbot import db, jobs, outbox, reply
+from mailbot import db, health, jobs, outbox, reply, store
 from mailbot.cli import cli
 from mailbot.models import Outbox
 from mailbot.settings import SHIPPED_TEMPLATES, Settings
@@ -100,6 +100,12 @@ def test_relay_accepts_and_row_is_sent(engine: Engine, rules, smtp_sink: SmtpSin
     assert stored.sent_at is not None
     assert outbox.send_due(engine, relay_settings(smtp_sink, tmp_path)) == 0
     assert len(smtp_sink.accepted) == 1
+    [relay] = health_of(engine)  # for `mailbot status`: the relay's last success
+    assert relay.last_ok_at is not None and relay.last_error_at is None
+
+
+def health_of(engine: Engine) -> list:
+    return [row for row in store.intake_health(engine) if row.name == health.RELAY]
 
 
 def test_temporary_failures_are_retried_until_accepted_once(
@@ -240,6 +246,8 @@ def test_unreachable_relay_is_a_temporary_failure(engine: Engine, rules, tmp_pat
     pending = row(engine)
     assert pending.state == "pending" and pending.attempts == 1
     assert pending.last_error.startswith("ConnectionRefusedError: ")
+    [relay] = health_of(engine)  # for `mailbot status`: the relay's last failure, and no success yet
+    assert relay.last_ok_at is None and relay.last_error.startswith("ConnectionRefusedError: ")
 
 
 def test_row_left_sending_by_a_crash_is_sent_again_with_the_same_message_id(

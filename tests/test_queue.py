@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 from sqlalchemy import select
 
-from mailbot import db, queue, store
+from mailbot import db, health, queue, store
 from mailbot.cli import cli
 from mailbot.models import Inquiry, InquiryEvent, Outbox
 
@@ -147,6 +147,7 @@ def test_durations(value, text):
 
 def test_status_shows_queues_and_fails_when_outbox_is_stuck(engine, db_url, rules):
     add_inquiry(engine, n=1, age=timedelta(hours=30))
+    health.beat(engine, db.utcnow())  # a daemon serves the database
     ok = CliRunner().invoke(cli, ["status", "--json"], env={"MAILBOT_DB": db_url})
     assert ok.exit_code == 0, ok.output
     assert '"queues": {"open": {"rights": 1}, "overdue": {"rights": 1}}' in ok.stdout

@@ -19,8 +19,8 @@ from imapclient.exceptions import IMAPClientError
 from sqlalchemy import select, update
 from sqlalchemy.engine import Engine
 
-from mailbot import db, store
-from mailbot.models import ImapSeen, IntakeState
+from mailbot import health, store
+from mailbot.models import ImapSeen
 from mailbot.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -215,13 +215,8 @@ def _mark_moved(engine: Engine, folder: str, uidvalidity: int, uids: list[int]) 
 
 
 def record_health(engine: Engine, error: str | None = None) -> None:
-    """Upsert the IntakeState row: last_ok_at without an error, last_error_at/last_error with one."""
-    values = {"last_ok_at": db.utcnow()} if error is None else {"last_error_at": db.utcnow(), "last_error": error}
-    with engine.begin() as connection:
-        connection.execute(db.insert_ignoring_duplicates(engine, IntakeState.__table__).values(name=HEALTH_NAME))
-        connection.execute(
-            update(IntakeState.__table__).where(IntakeState.__table__.c.name == HEALTH_NAME).values(**values)
-        )
+    """Note for `mailbot status` that the intake works, or fails with ``error``."""
+    health.record_outcome(engine, HEALTH_NAME, error)
 
 
 def wait_for_mail(client: IMAPClient, settings: Settings, stop: threading.Event) -> None:
