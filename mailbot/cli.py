@@ -462,6 +462,7 @@ def transactions_set_status(number: str, status: str, note: str | None) -> None:
 @click.argument("number")
 def transactions_show(number: str) -> None:
     """NUMBER's record and status history."""
+    from mailbot import workhours
     from mailbot.transactions import TransactionError, show
 
     rules = _rules()
@@ -473,11 +474,11 @@ def transactions_show(number: str) -> None:
     click.echo(f"department: {record.department}")
     click.echo(f"status: {record.status} ({rules.status_label(record.status, 'ar')} / {rules.status_label(record.status, 'en')})")
     click.echo(f"applicant: {record.applicant_name or '-'} <{', '.join(record.applicant_emails.split()) or '-'}>")
-    click.echo(f"updated: {record.updated_at.isoformat()}")
+    click.echo(f"updated: {workhours.stamp(record.updated_at, rules)}")
     click.echo("history:")
     for entry in history:
         note = f" — {entry.note}" if entry.note else ""
-        click.echo(f"  {entry.changed_at.isoformat()} {entry.previous_status or '-'} -> {entry.status} ({entry.source}){note}")
+        click.echo(f"  {workhours.stamp(entry.changed_at, rules)} {entry.previous_status or '-'} -> {entry.status} ({entry.source}){note}")
 
 
 @cli.command()
@@ -556,8 +557,8 @@ def queue_show(inquiry: int) -> None:
     """The inquiry and its whole thread."""
     from mailbot import queue
 
-    _queue_do(lambda session, _rules, now, _s: click.echo("\n".join(queue.format_view(
-        queue.show_inquiry(session, inquiry, now)))))
+    _queue_do(lambda session, rules, now, _s: click.echo("\n".join(queue.format_view(
+        queue.show_inquiry(session, inquiry, now), rules))))
 
 
 @queue_group.command("claim")

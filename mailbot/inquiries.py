@@ -4,7 +4,7 @@ For every understood mail except a clerk's (``clerk.handle_clerk_reply``) the
 pipeline calls::
 
     handle_understood(session, message_row_id, understanding, decision, disclosed, rules, now,
-                      existing=followed_inquiry(session, understanding), known=known,
+                      existing=followed_inquiry(session, understanding, message_row_id), known=known,
                       templates_dir=settings.templates_dir) -> Handled
 
 (``known``: the transactions routing read) or, for a mail that ``opens_inquiry``,
@@ -30,14 +30,14 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
-from sqlalchemy import func, insert, select
+from sqlalchemy import func, insert, or_, select
 from sqlmodel import Session
 
-from mailbot import db, notify, outbox, queue, reply
+from mailbot import db, notify, outbox, queue, reply, workhours
 from mailbot.models import Inquiry, InquiryEvent, Outbox
 from mailbot.route import Decision
 from mailbot.rules import Rules
@@ -166,7 +166,7 @@ def opens_inquiry(understanding: Understanding, existing: Inquiry | None) -> boo
     kind = understanding.kind
     if kind == "bounce" or kind in NEVER_ANSWERED_KINDS or kind == "clerk_reply":
         return False
-    return kind != "followup" or existing is None
+    return existing is None
 
 
 def plan_opening(
@@ -201,7 +201,7 @@ def plan_opening(
     numbers = _numbers(understanding)
     sender = (parsed.sender or "").lower()
     sender_name = reply.clean_header(parsed.sender_name or "")[:998] or None
-    due_at = now + timedelta(hours=department.sla_hours)
+    due_at = workhours.due_at(department, now, rules)
     forwarded = notify.inquiry_numbers(" ".join(numbers))
     on_file = {number: known[number] for number in [*forwarded, *disclosed] if number in known}
     template = ack_template(understanding, disclosed)
@@ -328,12 +328,25 @@ def join_followup(session: Session, inquiry: Inquiry, message_row_id: int, under
     if inquiry.state != queue.OPEN:
         previous = inquiry.state
         inquiry.state, inquiry.closed_at, inquiry.escalation_level = queue.OPEN, None, 0
-        inquiry.due_at = now + timedelta(hours=rules.department(inquiry.department).sla_hours)
+        inquiry.due_at = workhours.due_at(rules.department(inquiry.department), now, rules)
         session.add(InquiryEvent(inquiry=inquiry.id, kind="system", author=None,
                                  text=f"reopened ({previous}): the citizen wrote again", at=now))
         action = "reopened"
     queue.forward_followup(session, inquiry, message_row_id, text, rules, now, templates_dir=templates_dir)
     return Handled(action, inquiry.id)
+
+
+def join_same_question(session: Session, inquiry: Inquiry, message_row_id: int, understanding: Understanding,
+                       rules: Rules, now: datetime, *, templates_dir: Path = SHIPPED_TEMPLATES) -> Handled:
+    """A new mail about the transaction of an inquiry the sender has open joins it: no second
+    acknowledgement, no second forward — the clerks see it in the inquiry's thread.  An
+    answered inquiry opens again and goes to the queue, as a reply to it would."""
+    if inquiry.state != queue.OPEN:
+        return join_followup(session, inquiry, message_row_id, understanding, rules, now, templates_dir=templates_dir)
+    parsed = understanding.mail
+    if not _add_event(session, inquiry.id, "followup", message_row_id, parsed.sender, understanding.new_text or "", now):
+        return Handled("joined", inquiry.id, reason="already joined")
+    return Handled("joined", inquiry.id, reason="the same question as the open inquiry")
 
 
 def record_bounce(session: Session, message_row_id: int, understanding: Understanding, now: datetime) -> Handled:
@@ -364,12 +377,35 @@ def record_bounce(session: Session, message_row_id: int, understanding: Understa
     return Handled("bounce", inquiry, reason=f"undeliverable: {', '.join(recipients) or 'no address of ours'}")
 
 
-def followed_inquiry(session: Session, understanding: Understanding) -> Inquiry | None:
-    """For a followup: the inquiry it replies to, or None (route it then as a new inquiry)."""
-    if understanding.kind != "followup":
-        return None
+def followed_inquiry(session: Session, understanding: Understanding, message: int | None = None) -> Inquiry | None:
+    """The inquiry this mail continues, or None (it opens one then).
+
+    A followup continues the inquiry it replies to.  A new inquiry continues one that is
+    not closed, from the same sender, about a transaction this mail asks about: one
+    inquiry per question, however often the citizen writes before the answer.  ``message``
+    is the mail's row id: the inquiry it opened itself (processed again) does not count."""
     mail = understanding.mail
-    return find_inquiry(session, understanding.inquiry_tags, [mail.in_reply_to or "", *mail.references])
+    if understanding.kind == "followup":
+        return find_inquiry(session, understanding.inquiry_tags, [mail.in_reply_to or "", *mail.references])
+    if understanding.kind == "inquiry":
+        return same_question(session, (mail.sender or "").lower(), _asked_numbers(understanding), message)
+    return None
+
+
+def same_question(session: Session, sender: str, numbers: Sequence[str], message: int | None) -> Inquiry | None:
+    """The newest inquiry not closed from ``sender`` that names one of ``numbers`` (and was not
+    opened by the mail ``message``)."""
+    if not sender or not numbers:
+        return None
+    query = select(Inquiry).where(Inquiry.sender == sender, Inquiry.state != queue.CLOSED,
+                                  or_(*(Inquiry.transactions.contains(number) for number in numbers)))
+    if message is not None:
+        query = query.where(Inquiry.message != message)
+    candidates = session.execute(query.order_by(Inquiry.id.desc())).scalars()
+    for inquiry in candidates:  # contains() is a substring test: 1446/0012 is in 1446/00123
+        if set(notify.inquiry_numbers(inquiry.transactions)) & set(numbers):
+            return inquiry
+    return None
 
 
 def handle_understood(
@@ -387,7 +423,7 @@ def handle_understood(
 ) -> Handled:
     """What becomes of an understood mail (not a clerk_reply): see the module docstring.
 
-    ``existing`` is ``followed_inquiry(session, understanding)``, which the caller
+    ``existing`` is ``followed_inquiry(session, understanding, message_row_id)``, which the caller
     has already looked up to route the mail."""
     if opens_inquiry(understanding, existing):
         opening = plan_opening(session, message_row_id, understanding, decision, disclosed, rules, now,
@@ -399,4 +435,7 @@ def handle_understood(
     if kind == "followup" and existing is not None:
         return join_followup(session, existing, message_row_id, understanding, rules, now,
                              templates_dir=templates_dir)
+    if kind == "inquiry" and existing is not None:
+        return join_same_question(session, existing, message_row_id, understanding, rules, now,
+                                  templates_dir=templates_dir)
     return Handled("ignored", reason=f"kind {kind} is never answered automatically")

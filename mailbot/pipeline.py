@@ -113,7 +113,7 @@ def stage(session: Session, rules: Rules, mail: Pending, now: datetime, template
             return inquiries.Handled(result.action, result.inquiry, reason="; ".join(result.errors) or None)
 
         return Staged(parsed, understanding, rules.clerk_department(parsed.sender), "clerk", clerk_act)
-    existing = inquiries.followed_inquiry(session, understanding)
+    existing = inquiries.followed_inquiry(session, understanding, mail.id)
     known = transactions.known_transactions(session.connection(), understanding.numbers)
     decision = route(understanding, rules, known, existing.department if existing is not None else None)
     shown = disclosed(understanding, rules, known) if existing is None else []

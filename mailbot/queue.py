@@ -17,7 +17,7 @@ from sqlalchemy import func, select
 from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
-from mailbot import outbox, reply
+from mailbot import outbox, reply, workhours
 from mailbot.models import Inquiry, InquiryEvent, Message, Outbox
 from mailbot.notify import STAFF_LANGUAGE, citizen_text, inquiry_numbers, transaction_entries
 from mailbot.reply import OutgoingMail
@@ -366,23 +366,24 @@ def format_item(item: QueueItem) -> str:
             f"{item.claimed_by or '-':<28} {item.sender}  {item.subject or ''}").rstrip()
 
 
-def format_view(view: InquiryView) -> list[str]:
+def format_view(view: InquiryView, rules: Rules) -> list[str]:
+    """An inquiry for a clerk's terminal, times on the office's clock."""
     item = view.item
     lines = [
         f"{item.reference}  [{item.state}]  department {item.department}  language {view.language}",
         f"from:        {item.sender}",
         f"subject:     {item.subject or ''}",
         f"transactions: {' '.join(view.transactions) or '-'}",
-        f"received:    {item.created_at:%Y-%m-%d %H:%M} UTC   due {item.due_at:%Y-%m-%d %H:%M} UTC"
+        f"received:    {workhours.stamp(item.created_at, rules)}   due {workhours.stamp(item.due_at, rules)}"
         + ("   OVERDUE" if item.overdue else ""),
         f"claimed by:  {item.claimed_by or '-'}   escalation level {item.escalation_level}",
     ]
     if view.first_response_at:
-        lines.append(f"answered:    {view.first_response_at:%Y-%m-%d %H:%M} UTC")
+        lines.append(f"answered:    {workhours.stamp(view.first_response_at, rules)}")
     if view.closed_at:
-        lines.append(f"closed:      {view.closed_at:%Y-%m-%d %H:%M} UTC")
+        lines.append(f"closed:      {workhours.stamp(view.closed_at, rules)}")
     for entry in view.thread:
         lines.append("")
-        lines.append(f"--- {entry.at:%Y-%m-%d %H:%M} {entry.kind} {entry.author or ''}".rstrip())
+        lines.append(f"--- {workhours.stamp(entry.at, rules)} {entry.kind} {entry.author or ''}".rstrip())
         lines.extend(entry.text.splitlines() or [""])
     return lines

@@ -50,6 +50,7 @@ from functools import lru_cache
 from pathlib import Path
 from time import monotonic
 from typing import Any, Callable, Mapping, Sequence
+from zoneinfo import ZoneInfo
 
 from hijridate import Gregorian
 from jinja2 import (
@@ -91,6 +92,17 @@ MAX_REFERENCES = 10
 MAX_SUBJECT = 200
 ARABIC_DIGITS = str.maketrans("0123456789", "٠١٢٣٤٥٦٧٨٩")
 _UNSAFE = re.compile(r"[\x00-\x1f\x7f\u2028\u2029\x85]+")
+# The Gulf offices' zones named as their citizens say them (ar, en); any other zone is
+# shown by its IANA name.
+ZONE_LABELS = {
+    "Asia/Riyadh": ("بتوقيت الرياض", "Riyadh time"),
+    "Asia/Dubai": ("بتوقيت الإمارات", "UAE time"),
+    "Asia/Kuwait": ("بتوقيت الكويت", "Kuwait time"),
+    "Asia/Qatar": ("بتوقيت قطر", "Qatar time"),
+    "Asia/Bahrain": ("بتوقيت البحرين", "Bahrain time"),
+    "Asia/Muscat": ("بتوقيت مسقط", "Muscat time"),
+}
+
 GREGORIAN_MONTHS_AR = (
     "يناير", "فبراير", "مارس", "أبريل", "مايو", "يونيو",
     "يوليو", "أغسطس", "سبتمبر", "أكتوبر", "نوفمبر", "ديسمبر",
@@ -174,11 +186,23 @@ def _date_text(value: date, language: str) -> str:
 
 
 @lru_cache(maxsize=256)  # a batch of mails shows the same few times: now, and now plus an SLA
-def format_time(value: datetime | None, language: str) -> str:
+def format_time(value: datetime | None, language: str, zone: str = "UTC") -> str:
+    """Date and time on the clock of ``zone`` (an IANA name), the zone named after it."""
     if value is None:
         return ""
-    text = f"{format_date(value, language)} {value:%H:%M} UTC"
+    here = value.astimezone(ZoneInfo(zone))
+    text = f"{format_date(here, language)} {here:%H:%M} {zone_label(zone, language)}"
     return arabic_digits(text) if language == "ar" else text
+
+
+def zone_label(zone: str, language: str) -> str:
+    """How a time's zone is named: Riyadh's in words, any other by its IANA name."""
+    if zone == "UTC":
+        return "UTC"
+    label = ZONE_LABELS.get(zone)
+    if label is None:
+        return f"({zone})"
+    return label[0] if language == "ar" else label[1]
 
 
 def format_number(value: object, language: str) -> str:
@@ -247,6 +271,7 @@ def _context(template_id: str, language: str, context: Mapping[str, Any], rules:
         signature=list(getattr(rules.office.signature, language)),
         department_name=getattr(department.name, language) if department else None,
         sla_hours=values.get("sla_hours", department.sla_hours if department else None),
+        working_hours=department is not None and not department.round_the_clock,
         direction="rtl" if language == "ar" else "ltr",
         align="right" if language == "ar" else "left",
     )
@@ -266,8 +291,8 @@ def _context(template_id: str, language: str, context: Mapping[str, Any], rules:
 
 def _helpers(language: str, rules: Rules) -> dict[str, Any]:
     return {
-        "date": lambda value: format_date(value, language),
-        "time": lambda value: format_time(value, language),
+        "date": lambda value: format_date(value and value.astimezone(ZoneInfo(rules.office.timezone)), language),
+        "time": lambda value: format_time(value, language, rules.office.timezone),
         "num": lambda value: format_number(value, language),
         "status_label": lambda status: rules.status_label(status, language),
     }

@@ -8,6 +8,7 @@ not a developer with a traceback.
 
 from __future__ import annotations
 
+import datetime as dt
 import difflib
 import hashlib
 import logging
@@ -17,8 +18,9 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
 from ruamel.yaml.error import MarkedYAMLError
@@ -51,11 +53,40 @@ class Lines(Strict):
     en: list[str] = []
 
 
+Weekday = Literal["sun", "mon", "tue", "wed", "thu", "fri", "sat"]
+
+
+class Calendar(Strict):
+    """The office's working week: SLAs count these hours only (workhours.py)."""
+
+    working_days: list[Weekday] = Field(default=["sun", "mon", "tue", "wed", "thu"], min_length=1)
+    opens: dt.time = dt.time(8)
+    closes: dt.time = dt.time(15)
+    holidays: list[dt.date] = []  # public holidays, as dates of the office's calendar
+
+    @model_validator(mode="after")
+    def _opens_before_closing(self) -> Calendar:
+        if self.closes <= self.opens:
+            raise ValueError(f"closes ({self.closes:%H:%M}) must be later than opens ({self.opens:%H:%M})")
+        return self
+
+
 class Office(Strict):
     name: Texts
     address: str
     domains: list[str] = []
     signature: Lines = Lines()
+    timezone: str = "Asia/Riyadh"  # an IANA zone: every time shown is on this clock
+    calendar: Calendar = Calendar()
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_zone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown time zone {value!r} (an IANA name, e.g. Asia/Riyadh or Asia/Dubai)") from None
+        return value
 
 
 class Policy(Strict):
@@ -71,7 +102,8 @@ class Department(Strict):
     queue: str
     clerks: list[str] = []
     escalation: str | None = None
-    sla_hours: float = Field(default=24, gt=0)
+    sla_hours: float = Field(default=24, gt=0)  # working hours of the office's calendar
+    round_the_clock: bool = False  # true: the SLA counts every hour, nights and holidays too
     keywords: Lines = Lines()
 
 

@@ -14,6 +14,7 @@ import io
 import re
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from zoneinfo import ZoneInfo
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
@@ -113,8 +114,9 @@ def _parse_row(line: int, values: list[str], rules: Rules) -> Row | list[str]:
         errors.append(f"line {line}: bad date {updated!r} (expected ISO 8601, e.g. 2025-01-30T10:00:00+03:00)")
     if errors or number is None:
         return errors
-    # A date without an offset is taken as UTC rather than the server's local time.
-    when = when.replace(tzinfo=timezone.utc) if when.tzinfo is None else when.astimezone(timezone.utc)
+    # A date without an offset is on the office's clock (a back-office export's), not the server's.
+    when = when.replace(tzinfo=ZoneInfo(rules.office.timezone)) if when.tzinfo is None else when
+    when = when.astimezone(timezone.utc)
     return Row(line, number, department, status, " ".join(dict.fromkeys(addresses)), name or None, when)
 
 

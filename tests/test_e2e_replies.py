@@ -50,10 +50,12 @@ def test_sample_corpus_each_inquiry_answered_once_through_a_flaky_relay(
 ) -> None:
     assert not import_csv(engine, SAMPLES / "transactions.csv", rules).errors
     expected = [json.loads(line) for line in (SAMPLES / "answers.jsonl").read_text(encoding="utf-8").splitlines()]
-    handled = {}
+    handled, opened_by = {}, {}
     for answer in expected:
         raw = (SAMPLES / "mail" / answer["file"]).read_bytes()
         handled[answer["file"]] = process_stored(engine, rules, raw)
+        if handled[answer["file"]].action == "opened":
+            opened_by[handled[answer["file"]].inquiry] = answer["file"]
         process_stored(engine, rules, raw)  # the same mail again: nothing new
     smtp_sink.fail("451 4.7.1 Greylisted, try again later", times=7)
     settings = Settings(smtp_host=smtp_sink.host, smtp_port=smtp_sink.port, smtp_tls="none")
@@ -66,7 +68,12 @@ def test_sample_corpus_each_inquiry_answered_once_through_a_flaky_relay(
     by_inquiry = {row.inquiry: row for row in rows if row.key.startswith("ack:")}
     for answer in expected:
         result = handled[answer["file"]]
-        if answer["kind"] == "inquiry":
+        if answer["kind"] == "inquiry" and result.action == "joined":
+            # One inquiry per question: the same citizen asking again about a transaction of an
+            # inquiry still open (the corpus has such pairs) joins it, with no second acknowledgement.
+            assert opened_by[result.inquiry] != answer["file"], answer["file"]
+            assert result.reply is None
+        elif answer["kind"] == "inquiry":
             assert result.action == "opened", answer["file"]
             template = by_inquiry[result.inquiry].template if result.inquiry in by_inquiry else None
             assert template == answer["reply"], (answer["file"], result)

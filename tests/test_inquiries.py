@@ -90,7 +90,8 @@ def test_arabic_windows_1256_inquiry_gets_one_arabic_ack_status(office: Engine, 
         subscription = session.execute(select(Subscription)).scalar_one()
         event = session.execute(select(InquiryEvent)).scalar_one()
     assert (inquiry.department, inquiry.language, inquiry.transactions) == ("governorates", "ar", "1445/20500")
-    assert inquiry.due_at == NOW + timedelta(hours=24)
+    # 24 working hours from Monday 12:00 Riyadh time: Monday 3, Tuesday 7, Wednesday 7, Thursday 7.
+    assert inquiry.due_at == datetime(2026, 11, 26, 12, 0, tzinfo=timezone.utc)  # Thursday 15:00 in Riyadh
     assert (subscription.number, subscription.email) == ("1445/20500", "turki.alanazi@sahab.example")
     assert (event.kind, event.message) == ("citizen", inquiry.message)
     [forward] = forwards(office)
@@ -379,7 +380,8 @@ def test_the_citizens_followup_reaches_the_queue_and_reopens_an_answered_or_clos
             row = session.get(Inquiry, opened.inquiry)
             department = rules.department(row.department)
             assert (row.state, row.escalation_level, row.closed_at) == ("open", 0, None)
-            assert row.due_at == later + timedelta(hours=department.sla_hours)
+            # From Thursday 12:00 Riyadh time, over the weekend: Thursday 3, Sunday 7, Monday 7, Tuesday 7.
+            assert row.due_at == datetime(2026, 12, 1, 12, 0, tzinfo=timezone.utc)
             events = session.execute(select(InquiryEvent.text).where(InquiryEvent.kind == "system")).scalars()
             assert f"reopened ({state}): the citizen wrote again" in list(events)
         forward = forwards(engine)[-1]
@@ -425,3 +427,33 @@ def test_a_stop_word_or_a_third_party_does_not_reopen_or_reach_the_queue(engine:
     with db.session(engine) as session:
         assert session.get(Inquiry, opened.inquiry).state == "answered"
     assert len(forwards(engine)) == 1
+
+
+def test_a_second_mail_about_the_same_open_transaction_joins_its_inquiry(office: Engine, rules) -> None:
+    """One inquiry per question: the citizen who writes twice before the answer gets one
+    acknowledgement, the clerks one forward, and the second mail is on the thread."""
+    first = handle(office, rules, citizen_mail("x@example.com", "استفسار", "ما حالة المعاملة رقم 1446/00321؟"))
+    again = handle(office, rules, citizen_mail("X@Example.com", "استفسار مرة أخرى",
+                                               "أكرر السؤال عن المعاملة ١٤٤٦/٠٠٣٢١ من فضلكم"))
+    assert first.action == "opened"
+    assert (again.action, again.inquiry, again.reply) == ("joined", first.inquiry, None)
+    assert (len(outbox_rows(office)), len(forwards(office)), count(office, Inquiry)) == (1, 1, 1)
+    with db.session(office) as session:
+        thread = session.execute(select(InquiryEvent.kind, InquiryEvent.text)
+                                 .where(InquiryEvent.inquiry == first.inquiry).order_by(InquiryEvent.id)).all()
+    assert [kind for kind, _text in thread] == ["citizen", "followup"]
+    assert "أكرر السؤال" in thread[1].text
+    # Another number, another sender, or the inquiry closed: a new question, a new inquiry.
+    other = handle(office, rules, citizen_mail("x@example.com", "استفسار", "وماذا عن المعاملة 1445/00123؟"))
+    neighbour = handle(office, rules, citizen_mail("y@example.com", "استفسار", "المعاملة رقم 1446/00321"))
+    set_state(office, first.inquiry, "closed")
+    later = handle(office, rules, citizen_mail("x@example.com", "استفسار", "المعاملة رقم 1446/00321 مرة ثالثة"))
+    assert [outcome.action for outcome in (other, neighbour, later)] == ["opened"] * 3
+    assert len({first.inquiry, other.inquiry, neighbour.inquiry, later.inquiry}) == 4
+
+
+def test_a_similar_number_is_not_the_same_question(engine: Engine, rules) -> None:
+    first = handle(engine, rules, citizen_mail("x@example.com", "استفسار", "المعاملة رقم 1446/00123"))
+    second = handle(engine, rules, citizen_mail("x@example.com", "استفسار", "المعاملة رقم 1446/0012"))
+    assert first.action == "opened"
+    assert second.action == "opened" and second.inquiry != first.inquiry

@@ -58,7 +58,7 @@ def test_ack_status_shows_status_labels_from_the_rules(rules) -> None:
     assert "خلال ٢٤ ساعة" in ar.text
     assert "إدارة الحقوق" in ar.text
     assert "Transaction 1446/00321: Under review" in en.text
-    assert "within 24 hours" in en.text
+    assert "within 24 working hours" in en.text
 
 
 def test_ack_no_number_explains_how_to_write_the_number(rules) -> None:

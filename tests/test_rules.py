@@ -197,7 +197,7 @@ def test_section_in_two_files(folder: Path) -> None:
           require_authentication: true
         """)
     assert errors_of(folder) == [
-        f"{path}:2:1: section 'policy' is already defined at {folder / 'office.yaml'}:20:1"
+        f"{path}:2:1: section 'policy' is already defined at {folder / 'office.yaml'}:30:1"
     ]
 
 
