@@ -261,8 +261,12 @@ def run() -> None:
 
     settings = _settings(warn=False)
     setup_logging(settings.log_level, settings.log_format)
+    from mailbot.db import DatabaseInUse
+
     try:
         jobs.run_daemon(settings)
+    except DatabaseInUse as error:
+        raise click.ClickException(str(error)) from None
     except RulesError as error:
         raise click.ClickException(str(error)) from None
     except SQLAlchemyError as error:

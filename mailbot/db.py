@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
+import fcntl
+import os
 import sqlite3
 import time
 from contextlib import contextmanager
 from functools import lru_cache
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterator
+from typing import IO, Iterator
 
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Column, Insert, Table, event
+from sqlalchemy import Column, Insert, Table, event, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine, make_url
 from sqlmodel import Session, create_engine
@@ -113,9 +115,64 @@ def alembic_config(url: str) -> Config:
     return config
 
 
-def upgrade(url: str) -> None:
-    """Bring the database schema to the newest migration (idempotent)."""
-    command.upgrade(alembic_config(url), "head")
+# The PostgreSQL advisory lock every migration runs under ("mailbot" in ASCII, shortened).
+MIGRATION_LOCK = 0x6D61696C626F74
+
+
+def upgrade(url: str) -> bool:
+    """Bring the database schema to the newest migration (idempotent); True when it first
+    waited for another daemon's migration.
+
+    On PostgreSQL the migration runs under a session advisory lock, so daemons started
+    together on an empty or older database take turns: the first migrates, the others
+    wait, then find nothing left to do.  SQLite has one file and one daemon (sqlite_lock).
+    """
+    if make_url(normalise_url(url)).get_backend_name() != "postgresql":
+        command.upgrade(alembic_config(url), "head")
+        return False
+    with get_engine(url).connect() as connection:
+        waited = not connection.execute(text("SELECT pg_try_advisory_lock(:key)"), {"key": MIGRATION_LOCK}).scalar()
+        if waited:
+            connection.execute(text("SELECT pg_advisory_lock(:key)"), {"key": MIGRATION_LOCK})
+        connection.commit()
+        try:
+            command.upgrade(alembic_config(url), "head")
+        finally:
+            connection.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": MIGRATION_LOCK})
+            connection.commit()
+    return waited
+
+
+class DatabaseInUse(Exception):
+    """Another daemon serves this SQLite file."""
+
+
+def sqlite_lock(url: str) -> IO[str] | None:
+    """Hold ``<file>.lock`` for the life of this daemon when ``url`` is an SQLite file: SQLite
+    has one writer, and a second daemon on the same file would only fight the first for it.
+
+    Raises DatabaseInUse naming the holder's pid.  The kernel drops the lock when the process
+    ends, however it ends, so a daemon restarted after a crash is never refused.
+    """
+    parsed = make_url(normalise_url(url))
+    if parsed.get_backend_name() != "sqlite" or not parsed.database or parsed.database == ":memory:":
+        return None
+    path = Path(f"{parsed.database}.lock")
+    handle = path.open("a+", encoding="ascii")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "unknown"
+        handle.close()
+        raise DatabaseInUse(
+            f"another mailbot run (pid {holder}) serves {parsed.database}: one daemon per SQLite file "
+            "(stop it first; several daemons need PostgreSQL)") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    return handle
 
 
 def missing_sqlite_file(url: str) -> Path | None:

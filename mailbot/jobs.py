@@ -115,7 +115,17 @@ def run_daemon(settings: Settings, stop: threading.Event | None = None) -> None:
     stop = stop or threading.Event()
     for warning in settings.warnings:
         log.warning("%s", warning)
-    db.upgrade(settings.db_url)
+    lock = db.sqlite_lock(settings.db_url)  # raises DatabaseInUse while another daemon has the file
+    try:
+        _serve(settings, stop)
+    finally:
+        if lock is not None:
+            lock.close()
+
+
+def _serve(settings: Settings, stop: threading.Event) -> None:
+    if db.upgrade(settings.db_url):
+        log.info("database schema: waited for another daemon's migration, now up to date")
     engine = db.get_engine(settings.db_url)
     reloader = RulesReloader(settings.rules_dir)
     rules = reloader.rules
