@@ -12,7 +12,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import SQLAlchemyError
 
-from mailbot import db, health, notify, outbox, rules_in_force, workers
+from mailbot import db, health, leases, notify, outbox, rules_in_force, workers
 from mailbot.intake.smtp import IngressServer, accepted_addresses
 from mailbot.rules import Rules, RulesReloader
 from mailbot.settings import Settings
@@ -51,11 +51,17 @@ def heartbeat(engine: Engine, started_at: datetime) -> None:
 
 
 def notify_changes(engine: Engine, reloader: RulesReloader, settings: Settings) -> None:
-    notify.notify_status_changes(engine, reloader.rules, settings)
+    """Tell citizens of status changes; with several daemons, one of them per period."""
+    with leases.held(engine, "notify") as mine:
+        if mine:
+            notify.notify_status_changes(engine, reloader.rules, settings)
 
 
 def escalate(engine: Engine, reloader: RulesReloader, settings: Settings) -> None:
-    notify.escalate_overdue(engine, reloader.rules, db.utcnow(), templates_dir=settings.templates_dir)
+    """Escalate overdue inquiries; with several daemons, one of them per period."""
+    with leases.held(engine, "escalate") as mine:
+        if mine:
+            notify.escalate_overdue(engine, reloader.rules, db.utcnow(), templates_dir=settings.templates_dir)
 
 
 def start_ingress(settings: Settings, engine: Engine, rules: Rules) -> list[IngressServer]:

@@ -13,13 +13,17 @@ import psycopg
 import pytest
 
 from conftest import MAILBOT, create_pg_database, drop_pg_database
+from dovecot import Dovecot
 from mailbot import db
+from smtpsink import SmtpSink
 from test_jobs import wait_for
+from test_journey import citizen_mail
 
 
-def start(tmp_path: Path, name: str, database: str) -> tuple[subprocess.Popen, Path]:
+def start(tmp_path: Path, name: str, database: str, **extra: str) -> tuple[subprocess.Popen, Path]:
     log = tmp_path / f"{name}.log"
-    env = {**os.environ, "MAILBOT_DB": database, "MAILBOT_SMTP_LISTEN": "", "MAILBOT_SENT_MAILDIR": str(tmp_path / "sent")}
+    env = {**os.environ, "MAILBOT_DB": database, "MAILBOT_SMTP_LISTEN": "", "MAILBOT_SENT_MAILDIR": str(tmp_path / "sent"),
+           **extra}
     with log.open("wb") as out:
         process = subprocess.Popen([*MAILBOT, "run"], cwd=tmp_path, env=env, stdout=out, stderr=out)
     return process, log
@@ -80,3 +84,37 @@ def test_three_daemons_started_together_on_an_empty_postgresql_database_all_come
         holder.close()
         for process, _log in daemons:
             stop(process)
+
+
+def test_one_daemon_of_two_fetches_the_inbox_and_the_other_takes_over_within_10_s_when_it_dies(
+        tmp_path: Path, fresh_pg: str, dovecot: Dovecot, smtp_sink: SmtpSink):
+    env = {**dovecot.env(), **smtp_sink.env(), "MAILBOT_IMAP_POLL_SECONDS": "0.5", "MAILBOT_WORKER_SECONDS": "0.2",
+           "MAILBOT_OUTBOX_SECONDS": "0.2"}
+    db.upgrade(fresh_pg)
+    daemons = [start(tmp_path, f"d{n}", fresh_pg, **env) for n in range(2)]
+    try:
+        for process, log in daemons:
+            wait_for(lambda: "mailbot running" in log.read_text() or process.poll() is not None, 60, log.name)
+        wait_for(lambda: sum("holding the inbox" in log.read_text() for _p, log in daemons) == 1
+                 and sum("standing by" in log.read_text() for _p, log in daemons) == 1, 10, "one holder, one standby")
+        dovecot.append([citizen_mail("<before@example.com>", "أرجو إفادتي عن المعاملة رقم 1446/00321")])
+        wait_for(lambda: acknowledged(smtp_sink, "<before@example.com>"), 30, "the first mail answered")
+        [(holder, holder_log)] = [(p, log) for p, log in daemons if "holding the inbox" in log.read_text()]
+        [(standby, standby_log)] = [(p, log) for p, log in daemons if p is not holder]
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(timeout=30)
+        killed_at = time.monotonic()
+        dovecot.append([citizen_mail("<after@example.com>", "أرجو إفادتي عن المعاملة رقم 1446/00322")])
+        wait_for(lambda: "holding the inbox" in standby_log.read_text(), 10, "the standby to take the inbox")
+        wait_for(lambda: acknowledged(smtp_sink, "<after@example.com>"), 10, "the mail after the kill answered")
+        took = time.monotonic() - killed_at
+        print(f"IMAP failover: the mail after the kill answered {took:.1f} s after it")
+        assert took < 10, took
+        assert len(acknowledged(smtp_sink, "<before@example.com>")) == 1  # resumed from the stored UIDs
+    finally:
+        for process, _log in daemons:
+            stop(process)
+
+
+def acknowledged(sink: SmtpSink, message_id: str) -> list:
+    return [item for item in sink.accepted if item.message["In-Reply-To"] == message_id]

@@ -19,7 +19,7 @@ from imapclient.exceptions import IMAPClientError
 from sqlalchemy import select, update
 from sqlalchemy.engine import Engine
 
-from mailbot import health, store
+from mailbot import health, leases, store
 from mailbot.models import ImapSeen
 from mailbot.settings import Settings
 
@@ -278,8 +278,36 @@ def _arrived_since(client: IMAPClient, uidnext: int) -> bool:
     return any(uid >= uidnext for uid in client.search(["UID", f"{uidnext}:*"]))
 
 
+# How often a standing-by daemon tries to take the inbox over from the one holding it.
+STANDBY_SECONDS = 2.0
+
+
 def run_imap_intake(settings: Settings, engine: Engine, stop: threading.Event) -> None:
-    """The intake thread: serve, and on any error reconnect with backoff until `stop` is set."""
+    """The intake thread: hold the inbox (one daemon of several on PostgreSQL fetches it), then
+    serve, and on any error reconnect with backoff until `stop` is set.
+
+    A daemon that does not hold the inbox stands by and tries again every STANDBY_SECONDS:
+    when the holder dies, its lock goes with its connection and a standby takes over,
+    resuming from the UIDs already stored."""
+    inbox = f"imap:{settings.imap_user}@{settings.imap_host}:{settings.imap_port}/{settings.imap_folder}"
+    standing_by = False
+    while not stop.is_set():
+        try:
+            with leases.held(engine, inbox) as mine:
+                if mine:
+                    log.info("intake=imap holding the inbox %s", inbox)
+                    standing_by = False
+                    _serve_held(settings, engine, stop)
+                    continue
+        except Exception as error:  # noqa: BLE001 - a database down: try again, as a reconnect would
+            log.warning("intake=imap lease not taken error=%r", f"{error.__class__.__name__}: {error}")
+        if not standing_by:
+            log.info("intake=imap standing by: another daemon holds the inbox %s", inbox)
+            standing_by = True
+        stop.wait(STANDBY_SECONDS)
+
+
+def _serve_held(settings: Settings, engine: Engine, stop: threading.Event) -> None:
     backoff = Backoff()
     while not stop.is_set():
         client: IMAPClient | None = None
