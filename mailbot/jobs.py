@@ -12,7 +12,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import SQLAlchemyError
 
-from mailbot import db, health, leases, notify, outbox, rules_in_force, workers
+from mailbot import db, health, leases, notify, outbox, rules_in_force, wake, workers
 from mailbot.intake.smtp import IngressServer, accepted_addresses
 from mailbot.rules import Rules, RulesReloader
 from mailbot.settings import Settings
@@ -161,6 +161,7 @@ def _serve(settings: Settings, stop: threading.Event) -> None:
             scheduler.add_job(job, "interval", seconds=seconds, args=args, id=job.__name__,
                               max_instances=1, coalesce=True)
         scheduler.start()
+        wake.listen(settings.db_url, lambda payload: _run_now(scheduler, payload), stop, "daemon-wake")
         log.info("mailbot running %s", _describe(settings, servers, imap_thread is not None))
         while not stop.wait(SUPERVISE_SECONDS):
             workers.restart_exited(settings, processes, reloader.rules)
@@ -177,6 +178,16 @@ def _serve(settings: Settings, stop: threading.Event) -> None:
             scheduler.shutdown(wait=True)
         _forget(engine)
     log.info("mailbot stopped")
+
+
+# Which job a notification (wake.py) runs at once instead of at its next tick.
+_WOKEN = {"outbox": "send_outbox", "status": "notify_changes"}
+
+
+def _run_now(scheduler: BackgroundScheduler, payload: str) -> None:
+    job = _WOKEN.get(payload)
+    if job is not None and scheduler.running:
+        scheduler.modify_job(job, next_run_time=datetime.now(timezone.utc))
 
 
 def _forget(engine: Engine) -> None:

@@ -51,6 +51,7 @@ log = logging.getLogger(__name__)
 # so a shutdown waits for at most one batch, not for a whole backlog.
 BATCH = 50
 DATABASE_RETRY_MAX = 60.0
+IDLE_SLICE = 0.2
 _context = multiprocessing.get_context("forkserver")
 # What the fork server imports once, so that no worker imports it again.
 _PRELOAD = ["mailbot.workers", "mailbot.pipeline"]
@@ -65,7 +66,8 @@ def start_fork_server() -> None:
 
 def work_until_stopped(settings: Settings, share: tuple[int, int], stop: threading.Event,
                        rules: Rules | None = None) -> None:
-    """Process pending mail (this worker's ``share``) until ``stop``; poll every worker_seconds when idle.
+    """Process pending mail (this worker's ``share``) until ``stop``; when idle, wait for a stored
+    mail's notification (PostgreSQL, wake.py) or worker_seconds, whichever comes first.
 
     While the database cannot be reached, wait and try again (doubling the wait up to
     DATABASE_RETRY_MAX): the mail is safe in the database, and one log line per try is enough.
@@ -74,10 +76,13 @@ def work_until_stopped(settings: Settings, share: tuple[int, int], stop: threadi
     # server, before these heavy imports (which the fork server has done for its workers).
     from sqlalchemy.exc import SQLAlchemyError
 
-    from mailbot import db, pipeline
+    from mailbot import db, pipeline, wake
     from mailbot.rules import RulesReloader
 
     engine = db.get_engine(settings.db_url)
+    work = threading.Event()  # set by a stored mail's notification (PostgreSQL): no wait for the timer
+    wake.listen(settings.db_url, lambda payload: work.set() if payload == "mail" else None, stop,
+                f"worker-{share[0] + 1}-wake")
     reloader = RulesReloader(settings.rules_dir, rules)
     next_reload = time.monotonic() + settings.rules_reload_seconds
     retry = settings.worker_seconds
@@ -96,7 +101,17 @@ def work_until_stopped(settings: Settings, share: tuple[int, int], stop: threadi
             continue
         retry = settings.worker_seconds
         if done < BATCH:
-            stop.wait(settings.worker_seconds)
+            _idle(stop, work, settings.worker_seconds)
+
+
+def _idle(stop: threading.Event, work: threading.Event, seconds: float) -> None:
+    """Wait until ``work`` is notified, ``stop`` is asked or ``seconds`` pass (stop is looked at
+    every IDLE_SLICE, so a long timer never delays a shutdown)."""
+    deadline = time.monotonic() + seconds
+    while not stop.is_set() and (left := deadline - time.monotonic()) > 0:
+        if work.wait(min(IDLE_SLICE, left)):
+            break
+    work.clear()
 
 
 def _worker_main(settings: Settings, share: tuple[int, int], rules: Rules) -> None:
