@@ -50,7 +50,7 @@ from sqlalchemy import bindparam, func, select, update
 from sqlalchemy.engine import Connection, Engine
 from sqlmodel import Session
 
-from mailbot import db
+from mailbot import db, verp
 from mailbot.models import Outbox, Undeliverable
 from mailbot.reply import OutgoingMail
 from mailbot.rules import Rules
@@ -266,12 +266,13 @@ def _smtp_error(error: Exception) -> Exception:
     return PermanentError(message) if 500 <= code < 600 else TemporaryError(message)
 
 
-def _deliver_smtp(settings: Settings, sender: str, batch: list[tuple[int, str, bytes, int]], engine: Engine) -> int:
+def _deliver_smtp(settings: Settings, senders: dict[int, str], batch: list[tuple[int, str, bytes, int]],
+                  engine: Engine) -> int:
     with engine.connect() as connection:
-        return _send_batch(settings, sender, batch, connection)
+        return _send_batch(settings, senders, batch, connection)
 
 
-def _send_batch(settings: Settings, sender: str, batch: list[tuple[int, str, bytes, int]],
+def _send_batch(settings: Settings, senders: dict[int, str], batch: list[tuple[int, str, bytes, int]],
                 connection: Connection) -> int:
     sent = 0
     try:
@@ -285,7 +286,7 @@ def _send_batch(settings: Settings, sender: str, batch: list[tuple[int, str, byt
     with smtp:
         for position, (outbox_id, recipient, raw, attempts) in enumerate(batch):
             try:
-                smtp.sendmail(sender, [recipient], raw)
+                smtp.sendmail(senders[outbox_id], [recipient], raw)
             except UnicodeError as error:  # a non-ASCII address the relay was not offered SMTPUTF8 for
                 _record_failure(connection, outbox_id, attempts, PermanentError(f"{error.__class__.__name__}: {error}"))
                 continue
@@ -345,30 +346,31 @@ def _record_failure(connection: Connection, outbox_id: int, attempts: int, error
 
 
 def send_due(engine: Engine, settings: Settings, limit: int = 50, *, sender: str | None = None) -> int:
-    """Send what is due; the envelope sender is ``sender`` (default: each mail's From)."""
+    """Send what is due; the envelope sender is ``sender`` (default: each mail's own VERP
+    return path at its From domain, verp.py, so that a bounce names the mail it is about)."""
     batch = _claim(engine, limit, db.utcnow())
     if not batch:
         return 0
     if settings.smtp_host:
-        by_sender: dict[str, list[tuple[int, str, bytes, int]]] = {}
-        for item in batch:
-            by_sender.setdefault(sender or _envelope_sender(item[2]), []).append(item)
-        chunks = [(address, items[start::settings.smtp_connections])
-                  for address, items in by_sender.items()
-                  for start in range(min(settings.smtp_connections, len(items)))]
+        key = verp.secret_key(engine)
+        senders = {item[0]: sender or _envelope_sender(item[0], item[2], key) for item in batch}
+        chunks = [batch[start::settings.smtp_connections]
+                  for start in range(min(settings.smtp_connections, len(batch)))]
         if len(chunks) == 1:
-            return _deliver_smtp(settings, *chunks[0], engine)
+            return _deliver_smtp(settings, senders, chunks[0], engine)
         with ThreadPoolExecutor(max_workers=settings.smtp_connections) as pool:
-            return sum(pool.map(lambda chunk: _deliver_smtp(settings, *chunk, engine), chunks))
+            return sum(pool.map(lambda chunk: _deliver_smtp(settings, senders, chunk, engine), chunks))
     return _deliver_maildir(settings, batch, engine)
 
 
-def _envelope_sender(raw: bytes) -> str:
-    # The From address, not "<>": bounces must come back to the office inbox,
-    # where they mark the failed address undeliverable.
+def _envelope_sender(outbox_id: int, raw: bytes, key: bytes) -> str:
+    # Not "<>": bounces must come back to the office, to the return path of this one mail,
+    # where they mark its recipient undeliverable (and nothing else can).
     head = raw.split(b"\r\n\r\n", 1)[0]
     found = _FROM.search(head)
-    return _from_address(found.group(0) if found else b"")
+    address = _from_address(found.group(0) if found else b"")
+    domain = address.rpartition("@")[2]
+    return verp.return_path(outbox_id, domain, key) if domain else address
 
 
 @lru_cache(maxsize=64)  # every mail has one of the office's few From lines: parse each once

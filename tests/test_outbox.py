@@ -19,7 +19,7 @@ from click.testing import CliRunner
 from sqlalchemy import select, update
 from sqlalchemy.engine import Engine
 
-from mailbot import db, jobs, outbox, reply
+from mailbot import db, jobs, outbox, reply, verp
 from mailbot.cli import cli
 from mailbot.models import Outbox
 from mailbot.settings import SHIPPED_TEMPLATES, Settings
@@ -57,6 +57,10 @@ def row(engine: Engine, key: str = "ack:1"):
         return connection.execute(select(_table).where(_table.c.key == key)).one()
 
 
+def stored_id(engine: Engine, key: str = "ack:1") -> int:
+    return row(engine, key).id
+
+
 def make_due(engine: Engine) -> None:
     """Fake the clock: every pending row is due now (backoff itself is tested on its own)."""
     with engine.begin() as connection:
@@ -92,7 +96,9 @@ def test_relay_accepts_and_row_is_sent(engine: Engine, rules, smtp_sink: SmtpSin
     [accepted] = smtp_sink.accepted
 
     assert sent == 1
-    assert accepted.mail_from == "inquiries@emirate.example"
+    # The envelope sender is this mail's signed return path, so a bounce names it.
+    assert verp.outbox_id(accepted.mail_from, verp.secret_key(engine)) == stored_id(engine)
+    assert accepted.mail_from.endswith("@emirate.example")
     assert accepted.rcpt_tos == ("citizen@example.com",)
     assert accepted.message["Message-ID"] == mail.message_id
     stored = row(engine)
