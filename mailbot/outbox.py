@@ -12,9 +12,13 @@ Stable API:
     with no relay, into the Maildir ``settings.sent_maildir``.  Returns how many
     were accepted.
 ``auto_reply_blocked(session, address, rules, now) -> str | None``
-    Why no automatic mail may go to ``address`` now (undeliverable, daily
-    limit reached), or None.
-``mark_undeliverable(session, address, reason, now)``, ``list_outbox(engine, state=None, limit=100)``,
+    Why no acknowledgement may go to ``address`` now (daily limit reached), or
+    None.  An undeliverable mark never blocks one: the citizen just wrote, and
+    writing clears the mark (``clear_undeliverable``).
+``mark_undeliverable(session, address, reason, now)``, ``clear_undeliverable(session, address)``:
+    a bounce of ours marks an address; the mark counts for ``UNDELIVERABLE_DAYS``
+    (``marked_since``) or until the citizen writes again.
+``list_outbox(engine, state=None, limit=100)``,
 ``retry(engine, outbox_ids=None) -> int`` (failed -> pending; None: every failed mail), ``count_by_state(engine)``.
 
 Sending is at-least-once made as close to exactly-once as SMTP allows: the
@@ -46,7 +50,7 @@ from email.utils import parseaddr
 from functools import lru_cache
 from typing import Iterable
 
-from sqlalchemy import bindparam, func, select, update
+from sqlalchemy import bindparam, delete, func, select, update
 from sqlalchemy.engine import Connection, Engine
 from sqlmodel import Session
 
@@ -63,6 +67,7 @@ STATES = (PENDING, SENDING, SENT, FAILED)
 # Templates sent without a person deciding: these count against the daily limit.
 AUTOMATIC = ("ack_status", "ack_unverified", "ack_no_number", "status_changed")
 LEASE = timedelta(seconds=90)  # longer than one SMTP transaction can take (timeout 30 s)
+UNDELIVERABLE_DAYS = 30  # a mailbox full or gone a month ago may well work again
 BACKOFF_FIRST = 30.0
 BACKOFF_MAX = 3600.0
 SMTP_TIMEOUT = 30.0
@@ -116,9 +121,8 @@ def enqueue(
         log.info("outbox key=%s already queued, not again", key)
     return created
 
-# One round-trip for both checks, built once: this runs for every mail that may be answered.
+# Built once: this runs for every mail that may be answered.
 _AUTO_REPLY_CHECK = select(
-    select(_undeliverable.c.email).where(_undeliverable.c.email == bindparam("address")).exists(),
     select(func.count())
     .select_from(_table)
     .where(
@@ -131,11 +135,7 @@ _AUTO_REPLY_CHECK = select(
 
 def auto_reply_blocked(session: Session, address: str, rules: Rules, now: datetime) -> str | None:
     address = address.strip().lower()
-    undeliverable, sent_today = session.execute(
-        _AUTO_REPLY_CHECK, {"address": address, "since": now - timedelta(days=1)}
-    ).one()
-    if undeliverable:
-        return "undeliverable"
+    sent_today = session.execute(_AUTO_REPLY_CHECK, {"address": address, "since": now - timedelta(days=1)}).scalar_one()
     if sent_today >= rules.policy.max_auto_replies_per_day:
         return f"daily limit of {rules.policy.max_auto_replies_per_day} automatic replies reached"
     return None
@@ -148,6 +148,17 @@ def mark_undeliverable(session: Session, address: str, reason: str, now: datetim
         session.add(Undeliverable(email=address, reason=reason, at=now))
     else:
         existing.reason, existing.at = reason, now
+
+
+def clear_undeliverable(session: Session, address: str) -> bool:
+    """The address wrote to us: it works, whatever bounced before.  True when a mark was removed."""
+    removed = session.execute(delete(_undeliverable).where(_undeliverable.c.email == address.strip().lower()))
+    return bool(removed.rowcount)
+
+
+def marked_since(now: datetime) -> datetime:
+    """Marks set after this time still count (``UNDELIVERABLE_DAYS``)."""
+    return now - timedelta(days=UNDELIVERABLE_DAYS)
 
 
 def backoff(attempts: int) -> float:

@@ -347,7 +347,7 @@ def test_retry_one_id_and_its_errors(sqlite_url: str, rules) -> None:
     assert row(engine).state == "pending"
 
 
-def test_daily_limit_and_undeliverable_block_automatic_mail(engine: Engine, rules) -> None:
+def test_daily_limit_blocks_automatic_mail_an_undeliverable_mark_does_not(engine: Engine, rules) -> None:
     limit = rules.policy.max_auto_replies_per_day
     now = db.utcnow()
     with db.session(engine) as session:
@@ -362,11 +362,14 @@ def test_daily_limit_and_undeliverable_block_automatic_mail(engine: Engine, rule
         outbox.mark_undeliverable(session, "Gone@Example.com", "bounce mail=9", now)
     with db.session(engine) as session:
         gone = outbox.auto_reply_blocked(session, "gone@example.com", rules, now)
+        cleared = outbox.clear_undeliverable(session, "GONE@example.com")
+        again = outbox.clear_undeliverable(session, "gone@example.com")
 
     assert busy == f"daily limit of {limit} automatic replies reached"
     assert other is None  # a clerk's answer is not automatic
     assert tomorrow is None
-    assert gone == "undeliverable"
+    assert gone is None  # the citizen who writes is acknowledged; writing clears the mark
+    assert (cleared, again) == (True, False)
 
 
 def test_backoff_grows_and_is_capped() -> None:
