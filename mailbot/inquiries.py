@@ -59,6 +59,7 @@ _ROBOT_LOCALPART = re.compile(
 _TAG = re.compile(r"(\d{1,9})")
 _inquiries = Inquiry.__table__
 _events = InquiryEvent.__table__
+_outbox = Outbox.__table__
 _INSERT_EVENT = insert(_events)
 
 
@@ -377,16 +378,15 @@ def record_bounce(session: Session, message_row_id: int, understanding: Understa
 
 def _reported_mail(session: Session, bounce: Bounce) -> Row | None:
     """The outbox row (id, recipient, inquiry) a report names: its return path first, then the Message-ID."""
-    columns = (Outbox.id, Outbox.recipient, Outbox.inquiry)
-    key = verp.secret_key(session.connection()) if bounce.return_paths else b""
-    for address in bounce.return_paths:
-        number = verp.outbox_id(address, key)
-        if number is not None:
-            found = session.execute(select(*columns).where(Outbox.id == number)).first()
-            if found is not None:
-                return found
+    key = verp.known_key(session.connection()) if bounce.return_paths else None
+    numbers = [verp.outbox_id(address, key) for address in bounce.return_paths] if key is not None else []
+    reported = select(_outbox.c.id, _outbox.c.recipient, _outbox.c.inquiry)
+    for number in numbers:
+        found = session.execute(reported.where(_outbox.c.id == number)).first() if number is not None else None
+        if found is not None:
+            return found
     if bounce.original_message_id:
-        return session.execute(select(*columns).where(Outbox.message_id == bounce.original_message_id)).first()
+        return session.execute(reported.where(_outbox.c.message_id == bounce.original_message_id)).first()
     return None
 
 

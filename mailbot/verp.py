@@ -29,28 +29,38 @@ _table = Secret.__table__
 _keys: dict[str, bytes] = {}  # database URL -> key: read once per process
 
 
-def secret_key(bind: Engine | Connection) -> bytes:
-    """The signing key: ``MAILBOT_SECRET``, else the database's, created on first use."""
+def secret_key(engine: Engine) -> bytes:
+    """The signing key: ``MAILBOT_SECRET``, else the database's, created (and committed) on first use."""
+    key = known_key(engine)
+    if key is not None:
+        return key
+    with engine.begin() as connection:
+        connection.execute(
+            db.insert_ignoring_duplicates(connection, _table), {"name": _NAME, "value": secrets.token_hex(32)}
+        )
+    key = known_key(engine)
+    assert key is not None
+    return key
+
+
+def known_key(bind: Engine | Connection) -> bytes | None:
+    """The signing key if there is one yet, read only: before the first mail was sent there is
+    none, and no address can be a return path of ours."""
     configured = os.environ.get("MAILBOT_SECRET")
     if configured:
         return configured.encode("utf-8")
     url = str(bind.engine.url)
     if url not in _keys:
-        _keys[url] = _stored_key(bind)
+        query = select(_table.c.value).where(_table.c.name == _NAME)
+        if isinstance(bind, Connection):
+            value = bind.execute(query).scalar_one_or_none()
+        else:
+            with bind.connect() as connection:
+                value = connection.execute(query).scalar_one_or_none()
+        if value is None:
+            return None
+        _keys[url] = value.encode("ascii")
     return _keys[url]
-
-
-def _stored_key(bind: Engine | Connection) -> bytes:
-    def read(connection: Connection) -> str:
-        connection.execute(
-            db.insert_ignoring_duplicates(connection, _table), {"name": _NAME, "value": secrets.token_hex(32)}
-        )
-        return connection.execute(select(_table.c.value).where(_table.c.name == _NAME)).scalar_one()
-
-    if isinstance(bind, Connection):
-        return read(bind).encode("ascii")  # inside the caller's transaction
-    with bind.begin() as connection:
-        return read(connection).encode("ascii")
 
 
 def _mac(outbox_id: int, key: bytes) -> str:
