@@ -21,7 +21,22 @@ FOLLOWUP = "followup"
 INQUIRY = "inquiry"
 
 INQUIRY_TAG = re.compile(r"\[(INQ-\d+)\]", re.IGNORECASE)
-_DAEMONS = ("mailer-daemon", "postmaster", "mail-daemon", "mailerdaemon")
+_DAEMONS = ("mailer-daemon", "postmaster", "mail-daemon", "mailerdaemon", "post_master", "mail.delivery.system")
+# Subjects (and first lines) of delivery failures from servers that send no RFC 3464 report.
+# Together with a robot origin (null return path, no or a robot From) they make a bounce.
+_FAILURE_TEXT = re.compile(
+    r"mail delivery (failed|failure|system)|undeliver(able|ed) (mail|message)|failure notice|"
+    r"delivery status notification|returned mail|could not be delivered|error sending your mail|"
+    r"invalid user address|no such user|are not member|loop alert|"
+    r"メールエラー通知|送信できませんでした|配信できませんでした",
+    re.IGNORECASE,
+)
+_ROBOT_LOCAL = re.compile(r"^(no-?reply|sysadmin|[\w.-]+-admin|mmsc)$", re.IGNORECASE)
+# Amazon SES sends its delivery notifications (bounce, complaint, delivery) through SNS as JSON.
+_SES_NOTICE = re.compile(r'"notificationType"\s*:\s*"(Bounce|Complaint|Delivery)"')
+_HOTMAIL_COMPLAINT = re.compile(r"^\s*complaint about message from\b", re.IGNORECASE)
+# The return path of each mail we send (see verp.py): the bounce names it in To or Delivered-To.
+_VERP = re.compile(r"^bounces\+\d+-[0-9a-f]+@", re.IGNORECASE)
 # Subjects of out-of-office notices; Arabic compared after normalisation.
 _OUT_OF_OFFICE = re.compile(
     r"\b(out of (the )?office|automatic reply|auto[- ]?reply|autoreply|auto[- ]?response|"
@@ -40,6 +55,10 @@ class Bounce:
     original_message_id: str | None  # the Message-ID of our mail that bounced
     status: str | None  # RFC 3463 status code, e.g. 5.1.1
     diagnostic: str | None
+    # Candidate VERP return paths (bounces+<outbox id>-<mac>@...) the report was sent to;
+    # inquiries.record_bounce checks their mac.
+    return_paths: tuple[str, ...] = ()
+    feedback_type: str | None = None  # set for abuse feedback reports (RFC 5965): abuse, opt-out ...
 
 
 @dataclass(frozen=True)
@@ -87,14 +106,37 @@ def _is_daemon(address: str | None) -> bool:
 
 
 def _bounce(mail: ParsedMail, body: str) -> Kind | None:
-    content_type = mail.header("content-type") or ""
+    content_type = (mail.header("content-type") or "").lower()
+    if mail.feedback_report is not None or (
+        mail.content_type == "multipart/report" and "feedback-report" in content_type
+    ):
+        return Kind(BOUNCE, "abuse feedback report (RFC 5965)", _read_feedback(mail, body))
+    if _HOTMAIL_COMPLAINT.search(mail.subject) and mail.original_headers:
+        return Kind(BOUNCE, "abuse complaint with the original attached", _read_feedback(mail, body))
     if mail.delivery_status is not None or (
-        mail.content_type == "multipart/report" and "delivery-status" in content_type.lower()
+        mail.content_type == "multipart/report" and "delivery-status" in content_type
     ):
         return Kind(BOUNCE, "delivery-status report (RFC 3464)", _read_dsn(mail, body))
     if _is_daemon(mail.sender):
         return Kind(BOUNCE, f"sender {mail.sender} is a mailer daemon", _read_text_bounce(mail, body))
+    if _is_robot_origin(mail) and _FAILURE_TEXT.search(f"{mail.subject}\n{mail.text[:2000]}"):
+        return Kind(BOUNCE, "delivery failure notice from a robot sender", _read_text_bounce(mail, body))
+    ses = _SES_NOTICE.search(mail.text[:10000])
+    if ses and (mail.sender or "").endswith(".amazonaws.com"):
+        return Kind(BOUNCE, f"Amazon SES {ses.group(1).lower()} notification", _read_text_bounce(mail, body))
     return None
+
+
+def _is_robot_origin(mail: ParsedMail) -> bool:
+    """A null return path (RFC 5321 4.5.5: how servers send reports), no From address, or a robot From."""
+    if mail.return_path == "<>" or not mail.sender:
+        return True
+    return bool(_ROBOT_LOCAL.match(mail.sender.partition("@")[0]))
+
+
+def _return_paths(mail: ParsedMail) -> tuple[str, ...]:
+    found = [a.lower() for a in (*mail.delivered_to, *mail.to) if _VERP.match(a)]
+    return tuple(dict.fromkeys(found))
 
 
 def _dsn_fields(text: str) -> list[dict[str, str]]:
@@ -121,7 +163,15 @@ def _read_dsn(mail: ParsedMail, body: str) -> Bounce:
         status = status or fields.get("status")
         diagnostic = diagnostic or fields.get("diagnostic-code")
     original = mail.original_headers.get("message-id") or _message_id_in(body)
-    return Bounce(tuple(dict.fromkeys(recipients)), original, status, diagnostic)
+    return Bounce(tuple(dict.fromkeys(recipients)), original, status, diagnostic, _return_paths(mail))
+
+
+def _read_feedback(mail: ParsedMail, body: str) -> Bounce:
+    fields = (_dsn_fields(mail.feedback_report or "") or [{}])[0]
+    named = fields.get("original-rcpt-to") or fields.get("removal-recipient") or mail.original_headers.get("to") or ""
+    recipients = tuple(dict.fromkeys(a.lower() for a in re.findall(r"[^\s<>,;:\"]+@[^\s<>,;\"]+", named)))
+    original = mail.original_headers.get("message-id") or _message_id_in(body)
+    return Bounce(recipients, original, None, None, _return_paths(mail), fields.get("feedback-type") or "abuse")
 
 
 def _read_text_bounce(mail: ParsedMail, body: str) -> Bounce:
@@ -129,7 +179,7 @@ def _read_text_bounce(mail: ParsedMail, body: str) -> Bounce:
     recipients = tuple(dict.fromkeys(a.lower() for a in _QMAIL_RECIPIENT.findall(body)))
     status = re.search(r"\b([45]\.\d{1,3}\.\d{1,3})\b", body)
     original = mail.original_headers.get("message-id") or _message_id_in(body)
-    return Bounce(recipients, original, status.group(1) if status else None, None)
+    return Bounce(recipients, original, status.group(1) if status else None, None, _return_paths(mail))
 
 
 def _message_id_in(body: str) -> str | None:

@@ -19,10 +19,12 @@ acknowledgement's outbox key is ``ack:<message row id>``.
 What is never answered (SPEC "Never answer automatically"): the kinds
 ``auto_reply``, ``bulk`` and ``bounce``; an empty sender, mailer-daemon,
 postmaster and no-reply senders; our own addresses and domains; an address
-that bounced (``undeliverable``); an address that already had
+that already had
 ``policy.max_auto_replies_per_day`` automatic mails in the last 24 hours; mail
 routed by a rule with ``no_auto_reply``.  Such mail is stored and, for an
-inquiry, still reaches the queue.
+inquiry, still reaches the queue.  An address that bounced (``undeliverable``,
+see ``record_bounce``) is not among them: a citizen who writes again has a
+working mailbox, and the inquiry or follow-up clears the mark.
 """
 
 from __future__ import annotations
@@ -35,9 +37,11 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from sqlalchemy import func, insert, or_, select
+from sqlalchemy.engine import Row
 from sqlmodel import Session
 
-from mailbot import db, notify, outbox, queue, reply, workhours
+from mailbot import db, notify, outbox, queue, reply, verp, workhours
+from mailbot.classify import Bounce
 from mailbot.models import Inquiry, InquiryEvent, Outbox
 from mailbot.route import Decision
 from mailbot.rules import Rules
@@ -55,6 +59,7 @@ _ROBOT_LOCALPART = re.compile(
 _TAG = re.compile(r"(\d{1,9})")
 _inquiries = Inquiry.__table__
 _events = InquiryEvent.__table__
+_outbox = Outbox.__table__
 _INSERT_EVENT = insert(_events)
 
 
@@ -273,6 +278,8 @@ def write_opening(session: Session, opening: Opening, now: datetime) -> Handled:
     session.execute(_INSERT_EVENT, {"inquiry": inquiry_id, "kind": "citizen", "message": message_row_id,
                                     "author": opening.author, "text": opening.text, "at": now})
     queue.enqueue_opened(session, inquiry_id, values["department"], forward)
+    if opening.author and outbox.clear_undeliverable(session, opening.author):
+        log.info("mail=%s sender=%s wrote again: undeliverable mark cleared", message_row_id, opening.author)
     if ack is None:
         log.info("mail=%s inquiry=%s no acknowledgement: %s", message_row_id, inquiry_id, opening.blocked)
         return Handled("opened", inquiry_id, reason=opening.blocked)
@@ -322,6 +329,8 @@ def join_followup(session: Session, inquiry: Inquiry, message_row_id: int, under
         return Handled("joined", inquiry.id, reason="already joined")
     if not parsed.sender or parsed.sender.lower() != inquiry.sender.lower():
         return Handled("joined", inquiry.id, reason="not from the inquiry's sender")
+    if outbox.clear_undeliverable(session, parsed.sender):
+        log.info("mail=%s sender=%s wrote again: undeliverable mark cleared", message_row_id, parsed.sender)
     if notify.apply_subscription_words(session, inquiry.id, parsed.sender, text):
         return Handled("joined", inquiry.id, reason="stop/start word")
     action = "joined"
@@ -349,32 +358,49 @@ def join_same_question(session: Session, inquiry: Inquiry, message_row_id: int, 
     return Handled("joined", inquiry.id, reason="the same question as the open inquiry")
 
 
-def record_bounce(session: Session, message_row_id: int, understanding: Understanding, now: datetime) -> Handled:
-    """A delivery-status report for a mail we sent: its failed recipients get no more automatic mail.
+# Feedback that is no complaint by the recipient: a DMARC failure report, "this is not spam".
+_NOT_COMPLAINTS = ("auth-failure", "not-spam")
 
-    Only addresses we did write to are marked, so a forged bounce cannot silence a citizen
-    we never mailed; the returned Message-ID, when present, must be one of ours.
+
+def record_bounce(session: Session, message_row_id: int, understanding: Understanding, now: datetime) -> Handled:
+    """A delivery or abuse report about a mail we sent: its recipient gets no more automatic mail.
+
+    Ours or nothing: the report must name one mail of ours, by the signed VERP return path it
+    was sent to (verp.py) or by the returned Message-ID; only that mail's recipient is marked.
+    An address we once wrote to, named by a report with no such proof, is not: anyone can
+    write a bounce.  A mark counts for ``outbox.UNDELIVERABLE_DAYS`` or until the citizen writes.
     """
     bounce = understanding.bounce
-    failed = [r.strip().lower() for r in (bounce.recipients if bounce else ()) if r and r.strip()]
-    original = bounce.original_message_id if bounce else None
-    sent = None
-    if original:
-        sent = session.execute(
-            select(Outbox.recipient, Outbox.inquiry).where(Outbox.message_id == original)
-        ).first()
-    if sent is not None:
-        recipients = [r for r in failed if r == sent.recipient] or [sent.recipient]
+    sent = _reported_mail(session, bounce) if bounce is not None else None
+    if sent is None or bounce is None:
+        log.info("mail=%s report names no mail of ours: nothing marked", message_row_id)
+        return Handled("bounce", None, reason="names no mail of ours: nothing marked")
+    what = f"feedback report ({bounce.feedback_type})" if bounce.feedback_type else "undeliverable"
+    if bounce.feedback_type in _NOT_COMPLAINTS:
+        reason = f"{what} about outbox={sent.id}: nothing marked"
+    elif understanding.mail.delivery_status is not None and not bounce.recipients:
+        reason = f"delivery report about outbox={sent.id} names no failed recipient (delayed, delivered): nothing marked"
     else:
-        ours = set(session.execute(select(Outbox.recipient).where(Outbox.recipient.in_(failed))).scalars())
-        recipients = [r for r in failed if r in ours]
-    for address in recipients:
-        outbox.mark_undeliverable(session, address, f"bounce mail={message_row_id}", now)
-        log.info("mail=%s recipient=%s marked undeliverable", message_row_id, address)
-    inquiry = sent.inquiry if sent is not None else None
-    if inquiry is not None:
-        _add_event(session, inquiry, "system", message_row_id, None, f"undeliverable: {', '.join(recipients)}", now)
-    return Handled("bounce", inquiry, reason=f"undeliverable: {', '.join(recipients) or 'no address of ours'}")
+        outbox.mark_undeliverable(session, sent.recipient, f"{what}: mail={message_row_id} outbox={sent.id}", now)
+        log.info("mail=%s recipient=%s outbox=%s marked: %s", message_row_id, sent.recipient, sent.id, what)
+        reason = f"{what}: {sent.recipient}"
+    if sent.inquiry is not None:
+        _add_event(session, sent.inquiry, "system", message_row_id, None, reason, now)
+    return Handled("bounce", sent.inquiry, reason=reason)
+
+
+def _reported_mail(session: Session, bounce: Bounce) -> Row | None:
+    """The outbox row (id, recipient, inquiry) a report names: its return path first, then the Message-ID."""
+    key = verp.known_key(session.connection()) if bounce.return_paths else None
+    numbers = [verp.outbox_id(address, key) for address in bounce.return_paths] if key is not None else []
+    reported = select(_outbox.c.id, _outbox.c.recipient, _outbox.c.inquiry)
+    for number in numbers:
+        found = session.execute(reported.where(_outbox.c.id == number)).first() if number is not None else None
+        if found is not None:
+            return found
+    if bounce.original_message_id:
+        return session.execute(reported.where(_outbox.c.message_id == bounce.original_message_id)).first()
+    return None
 
 
 def followed_inquiry(session: Session, understanding: Understanding, message: int | None = None) -> Inquiry | None:

@@ -232,3 +232,12 @@ class Undeliverable(SQLModel, table=True):
     email: str = Field(primary_key=True, max_length=998)
     reason: str | None = Field(default=None, sa_column=Column(Text))
     at: datetime
+
+
+class Secret(SQLModel, table=True):
+    """Keys the office generates once and shares between its processes (VERP signing)."""
+
+    __tablename__ = "secret"
+
+    name: str = Field(primary_key=True, max_length=64)
+    value: str = Field(max_length=255)

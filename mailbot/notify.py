@@ -130,15 +130,16 @@ def subscribe(session: Session, number: str, email: str, language: str, inquiry:
         )
 
 
-def _changed(engine: Engine, after: int, limit: int) -> list[Row]:
-    undeliverable = exists().where(Undeliverable.__table__.c.email == _subscriptions.c.email)
+def _changed(engine: Engine, after: int, limit: int, now: datetime) -> list[Row]:
+    marks = Undeliverable.__table__
+    undeliverable = exists().where(marks.c.email == _subscriptions.c.email, marks.c.at > outbox.marked_since(now))
     with engine.connect() as connection:
         return connection.execute(
             select(
                 _subscriptions.c.id, _subscriptions.c.number, _subscriptions.c.email, _subscriptions.c.language,
                 _subscriptions.c.inquiry, _subscriptions.c.last_status, _subscriptions.c.changes_told,
                 _transactions.c.status, _transactions.c.department, _transactions.c.updated_at,
-                _inquiries.c.sender, _inquiries.c.sender_name, _messages.c.message_id,
+                _transactions.c.applicant_emails, _inquiries.c.sender, _inquiries.c.sender_name, _messages.c.message_id,
             )
             .select_from(
                 _subscriptions.join(_transactions, _transactions.c.number == _subscriptions.c.number)
@@ -210,6 +211,11 @@ def _tell_batch(session: Session, rows: list[Row], rules: Rules, templates_dir: 
     told: list[dict[str, object]] = []
     mails: list[dict[str, object]] = []
     for row in rows:
+        if not is_on_record(row.email, row.applicant_emails) and not rules.policy.notify_subscribers_off_record:
+            # Passed over, not told: the change is recorded as seen, so it is not read again.
+            log.info("number=%s email=%s change not told: not an applicant on the record", row.number, row.email)
+            told.append({"b_id": row.id, "b_status": row.status, "b_told": row.changes_told})
+            continue
         if sent_today.get(row.email, 0) >= rules.policy.max_auto_replies_per_day:
             log.info("number=%s email=%s change deferred: daily limit reached", row.number, row.email)
             continue
@@ -229,10 +235,17 @@ def _tell_batch(session: Session, rows: list[Row], rules: Rules, templates_dir: 
     if not told:
         return 0
     session.execute(_TELL, told)
+    if not mails:
+        return 0
     inserted = session.execute(
         db.insert_ignoring_duplicates(session.get_bind(), _outbox).returning(_outbox.c.id), mails
     ).all()
     return len(inserted)
+
+
+def is_on_record(email: str, applicant_emails: str | None) -> bool:
+    """True when ``email`` is one of the transaction's applicant e-mails now (back-office record)."""
+    return email.strip().lower() in (applicant_emails or "").lower().split()
 
 
 def notify_status_changes(
@@ -240,12 +253,16 @@ def notify_status_changes(
 ) -> int:
     """The job: queue one ``status_changed`` per subscriber per change.  Returns how many were queued.
 
+    Notifications follow the record: a subscriber is told only while an applicant e-mail
+    of the transaction as the back office has it at the change (``policy.
+    notify_subscribers_off_record`` lets others be told too); a removed applicant is not.
+
     A subscriber at the daily limit of automatic mail is not told yet; the
     change stays untold and goes out on a later run.
     """
     now = now or db.utcnow()
     queued, after = 0, 0
-    while rows := _changed(engine, after, batch):
+    while rows := _changed(engine, after, batch, now):
         after = rows[-1].id
         with db.session(engine) as session:
             queued += _tell_batch(session, rows, rules, settings.templates_dir, now)

@@ -12,9 +12,13 @@ Stable API:
     with no relay, into the Maildir ``settings.sent_maildir``.  Returns how many
     were accepted.
 ``auto_reply_blocked(session, address, rules, now) -> str | None``
-    Why no automatic mail may go to ``address`` now (undeliverable, daily
-    limit reached), or None.
-``mark_undeliverable(session, address, reason, now)``, ``list_outbox(engine, state=None, limit=100)``,
+    Why no acknowledgement may go to ``address`` now (daily limit reached), or
+    None.  An undeliverable mark never blocks one: the citizen just wrote, and
+    writing clears the mark (``clear_undeliverable``).
+``mark_undeliverable(session, address, reason, now)``, ``clear_undeliverable(session, address)``:
+    a bounce of ours marks an address; the mark counts for ``UNDELIVERABLE_DAYS``
+    (``marked_since``) or until the citizen writes again.
+``list_outbox(engine, state=None, limit=100)``,
 ``retry(engine, outbox_ids=None) -> int`` (failed -> pending; None: every failed mail), ``count_by_state(engine)``.
 
 Sending is at-least-once made as close to exactly-once as SMTP allows: the
@@ -46,11 +50,11 @@ from email.utils import parseaddr
 from functools import lru_cache
 from typing import Iterable
 
-from sqlalchemy import bindparam, func, select, update
+from sqlalchemy import bindparam, delete, func, select, update
 from sqlalchemy.engine import Connection, Engine
 from sqlmodel import Session
 
-from mailbot import db, health
+from mailbot import db, health, verp
 from mailbot.models import Outbox, Undeliverable
 from mailbot.reply import OutgoingMail
 from mailbot.rules import Rules
@@ -63,6 +67,7 @@ STATES = (PENDING, SENDING, SENT, FAILED)
 # Templates sent without a person deciding: these count against the daily limit.
 AUTOMATIC = ("ack_status", "ack_unverified", "ack_no_number", "status_changed")
 LEASE = timedelta(seconds=90)  # longer than one SMTP transaction can take (timeout 30 s)
+UNDELIVERABLE_DAYS = 30  # a mailbox full or gone a month ago may well work again
 BACKOFF_FIRST = 30.0
 BACKOFF_MAX = 3600.0
 SMTP_TIMEOUT = 30.0
@@ -116,9 +121,8 @@ def enqueue(
         log.info("outbox key=%s already queued, not again", key)
     return created
 
-# One round-trip for both checks, built once: this runs for every mail that may be answered.
+# Built once: this runs for every mail that may be answered.
 _AUTO_REPLY_CHECK = select(
-    select(_undeliverable.c.email).where(_undeliverable.c.email == bindparam("address")).exists(),
     select(func.count())
     .select_from(_table)
     .where(
@@ -131,11 +135,7 @@ _AUTO_REPLY_CHECK = select(
 
 def auto_reply_blocked(session: Session, address: str, rules: Rules, now: datetime) -> str | None:
     address = address.strip().lower()
-    undeliverable, sent_today = session.execute(
-        _AUTO_REPLY_CHECK, {"address": address, "since": now - timedelta(days=1)}
-    ).one()
-    if undeliverable:
-        return "undeliverable"
+    sent_today = session.execute(_AUTO_REPLY_CHECK, {"address": address, "since": now - timedelta(days=1)}).scalar_one()
     if sent_today >= rules.policy.max_auto_replies_per_day:
         return f"daily limit of {rules.policy.max_auto_replies_per_day} automatic replies reached"
     return None
@@ -148,6 +148,17 @@ def mark_undeliverable(session: Session, address: str, reason: str, now: datetim
         session.add(Undeliverable(email=address, reason=reason, at=now))
     else:
         existing.reason, existing.at = reason, now
+
+
+def clear_undeliverable(session: Session, address: str) -> bool:
+    """The address wrote to us: it works, whatever bounced before.  True when a mark was removed."""
+    removed = session.execute(delete(_undeliverable).where(_undeliverable.c.email == address.strip().lower()))
+    return bool(removed.rowcount)
+
+
+def marked_since(now: datetime) -> datetime:
+    """Marks set after this time still count (``UNDELIVERABLE_DAYS``)."""
+    return now - timedelta(days=UNDELIVERABLE_DAYS)
 
 
 def backoff(attempts: int) -> float:
@@ -266,12 +277,13 @@ def _smtp_error(error: Exception) -> Exception:
     return PermanentError(message) if 500 <= code < 600 else TemporaryError(message)
 
 
-def _deliver_smtp(settings: Settings, sender: str, batch: list[tuple[int, str, bytes, int]], engine: Engine) -> int:
+def _deliver_smtp(settings: Settings, senders: dict[int, str], batch: list[tuple[int, str, bytes, int]],
+                  engine: Engine) -> int:
     with engine.connect() as connection:
-        return _send_batch(settings, sender, batch, connection)
+        return _send_batch(settings, senders, batch, connection)
 
 
-def _send_batch(settings: Settings, sender: str, batch: list[tuple[int, str, bytes, int]],
+def _send_batch(settings: Settings, senders: dict[int, str], batch: list[tuple[int, str, bytes, int]],
                 connection: Connection) -> int:
     sent = 0
     try:
@@ -286,7 +298,7 @@ def _send_batch(settings: Settings, sender: str, batch: list[tuple[int, str, byt
     with smtp:
         for position, (outbox_id, recipient, raw, attempts) in enumerate(batch):
             try:
-                smtp.sendmail(sender, [recipient], raw)
+                smtp.sendmail(senders[outbox_id], [recipient], raw)
             except UnicodeError as error:  # a non-ASCII address the relay was not offered SMTPUTF8 for
                 _record_failure(connection, outbox_id, attempts, PermanentError(f"{error.__class__.__name__}: {error}"))
                 continue
@@ -349,30 +361,31 @@ def _record_failure(connection: Connection, outbox_id: int, attempts: int, error
 
 
 def send_due(engine: Engine, settings: Settings, limit: int = 50, *, sender: str | None = None) -> int:
-    """Send what is due; the envelope sender is ``sender`` (default: each mail's From)."""
+    """Send what is due; the envelope sender is ``sender`` (default: each mail's own VERP
+    return path at its From domain, verp.py, so that a bounce names the mail it is about)."""
     batch = _claim(engine, limit, db.utcnow())
     if not batch:
         return 0
     if settings.smtp_host:
-        by_sender: dict[str, list[tuple[int, str, bytes, int]]] = {}
-        for item in batch:
-            by_sender.setdefault(sender or _envelope_sender(item[2]), []).append(item)
-        chunks = [(address, items[start::settings.smtp_connections])
-                  for address, items in by_sender.items()
-                  for start in range(min(settings.smtp_connections, len(items)))]
+        key = verp.secret_key(engine)
+        senders = {item[0]: sender or _envelope_sender(item[0], item[2], key) for item in batch}
+        chunks = [batch[start::settings.smtp_connections]
+                  for start in range(min(settings.smtp_connections, len(batch)))]
         if len(chunks) == 1:
-            return _deliver_smtp(settings, *chunks[0], engine)
+            return _deliver_smtp(settings, senders, chunks[0], engine)
         with ThreadPoolExecutor(max_workers=settings.smtp_connections) as pool:
-            return sum(pool.map(lambda chunk: _deliver_smtp(settings, *chunk, engine), chunks))
+            return sum(pool.map(lambda chunk: _deliver_smtp(settings, senders, chunk, engine), chunks))
     return _deliver_maildir(settings, batch, engine)
 
 
-def _envelope_sender(raw: bytes) -> str:
-    # The From address, not "<>": bounces must come back to the office inbox,
-    # where they mark the failed address undeliverable.
+def _envelope_sender(outbox_id: int, raw: bytes, key: bytes) -> str:
+    # Not "<>": bounces must come back to the office, to the return path of this one mail,
+    # where they mark its recipient undeliverable (and nothing else can).
     head = raw.split(b"\r\n\r\n", 1)[0]
     found = _FROM.search(head)
-    return _from_address(found.group(0) if found else b"")
+    address = _from_address(found.group(0) if found else b"")
+    domain = address.rpartition("@")[2]
+    return verp.return_path(outbox_id, domain, key) if domain else address
 
 
 @lru_cache(maxsize=64)  # every mail has one of the office's few From lines: parse each once

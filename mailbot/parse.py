@@ -104,6 +104,8 @@ class ParsedMail:
     # headers of the returned original (message/rfc822 or text/rfc822-headers).
     delivery_status: str | None
     original_headers: dict[str, str]
+    # For abuse feedback reports (RFC 5965): the message/feedback-report part as text.
+    feedback_report: str | None
     return_path: str | None
 
     def header(self, name: str) -> str | None:
@@ -336,7 +338,8 @@ def parse_mail(raw: bytes) -> ParsedMail:
     parts = _Parts(elided=elided)
     try:
         _walk(message, parts, in_attachment=False, in_mail=False)
-        delivery_status = _delivery_status(message)
+        delivery_status = _report_part(message, "message/delivery-status")
+        feedback_report = _report_part(message, "message/feedback-report")
     except RecursionError as error:
         raise ParseError("MIME nesting too deep") from error
     # Some clients send an empty text/plain beside the real HTML body.
@@ -371,6 +374,7 @@ def parse_mail(raw: bytes) -> ParsedMail:
         attachments=tuple(parts.attachments),
         delivery_status=delivery_status,
         original_headers=parts.original_headers,
+        feedback_report=feedback_report,
         return_path=(_message_ids(decode_header(_first(message, "return-path"))) or (None,))[0],
     )
 
@@ -406,7 +410,7 @@ def _walk(part: Message, parts: _Parts, *, in_attachment: bool, in_mail: bool) -
         elif not in_attachment:
             (parts.plain if content_type == "text/plain" else parts.html).append(_part_text(part))
         return
-    if content_type == "message/delivery-status" or content_type == "text/rfc822-headers":
+    if content_type in ("message/delivery-status", "message/feedback-report", "text/rfc822-headers"):
         return
     payload = part.get_payload(decode=True)
     size = parts.elided.get(payload, len(payload)) if isinstance(payload, bytes) else 0
@@ -435,11 +439,12 @@ def _read_original_headers(part: Message, into: dict[str, str]) -> None:
             into[name] = decode_header(value)
 
 
-def _delivery_status(message: Message) -> str | None:
+def _report_part(message: Message, content_type: str) -> str | None:
+    """The first ``content_type`` part (delivery-status, feedback-report) as ``name: value`` lines."""
     for part in message.walk():
-        if part.get_content_type() != "message/delivery-status":
+        if part.get_content_type() != content_type:
             continue
-        # compat32 parses delivery-status into one Message per field group.
+        # compat32 parses delivery-status into one Message per field group, other message/* into one.
         payload = part.get_payload()
         if isinstance(payload, list):
             blocks = ["\n".join(f"{k}: {_unescape(str(v))}" for k, v in block.items()) for block in payload]

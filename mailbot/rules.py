@@ -93,6 +93,8 @@ class Policy(Strict):
     trusted_authserv_ids: list[str] = []
     require_authentication: bool = False
     max_auto_replies_per_day: int = Field(default=5, ge=0)
+    # Status changes go to the transaction's applicant e-mails on record; True: to every subscriber.
+    notify_subscribers_off_record: bool = False
 
 
 class Department(Strict):

@@ -30,7 +30,7 @@ SHIPPED_TEMPLATES = shipped("templates")
 TLS_MODES = ("ssl", "starttls", "none")
 LOG_FORMATS = ("text", "json")
 # Read by mailbot itself but not a setting of the daemon, or not mailbot's at all.
-_NOT_SETTINGS = ("MAILBOT_ENV_FILE", "MAILBOT_TEST_")
+_NOT_SETTINGS = ("MAILBOT_ENV_FILE", "MAILBOT_TEST_", "MAILBOT_SECRET")  # the secret: read by verp.py alone
 
 
 class SettingsError(ValueError):

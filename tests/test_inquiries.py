@@ -6,6 +6,7 @@ from datetime import datetime, timedelta, timezone
 from email import message_from_bytes, policy
 from email.message import EmailMessage
 from email.utils import make_msgid
+from textwrap import dedent
 
 import pytest
 from sqlalchemy import func, select
@@ -305,19 +306,22 @@ def delivery_report(failed: str, original_message_id: str) -> bytes:
     return bounce.as_bytes()
 
 
-def test_bounce_marks_the_recipient_undeliverable(engine: Engine, rules) -> None:
+def test_bounce_naming_our_message_id_marks_the_recipient_until_they_write_again(engine: Engine, rules) -> None:
     opened = handle(engine, rules, citizen_mail("gone@example.com", "Question", "Hello"))
     [ack] = outbox_rows(engine)
     handled = handle(engine, rules, delivery_report("gone@example.com", ack.message_id))
+    with db.session(engine) as session:
+        mark = session.get(Undeliverable, "gone@example.com")
+        assert mark is not None and f"outbox={ack.id}" in (mark.reason or "")
     later = handle(engine, rules, citizen_mail("gone@example.com", "Again", "Hello?"))
 
     assert handled.action == "bounce"
     assert handled.inquiry == opened.inquiry
     assert handled.reason == "undeliverable: gone@example.com"
-    with db.session(engine) as session:
-        assert session.get(Undeliverable, "gone@example.com") is not None
-    assert later.action == "opened" and later.reply is None and later.reason == "undeliverable"
-    assert len(outbox_rows(engine)) == 1
+    # Writing again proves the mailbox works: acknowledged, and the mark is gone.
+    assert later.action == "opened" and later.reply == "ack_no_number"
+    assert count(engine, Undeliverable) == 0
+    assert len(outbox_rows(engine)) == 2
 
 
 def test_forged_bounce_cannot_silence_someone_we_never_wrote_to(sqlite_url: str, rules) -> None:
@@ -325,9 +329,118 @@ def test_forged_bounce_cannot_silence_someone_we_never_wrote_to(sqlite_url: str,
     handled = handle(engine, rules, delivery_report("victim@example.com", "<not-ours@example.com>"))
     later = handle(engine, rules, citizen_mail("victim@example.com", "Question", "Hello"))
 
-    assert (handled.action, handled.reason) == ("bounce", "undeliverable: no address of ours")
+    assert (handled.action, handled.reason) == ("bounce", "names no mail of ours: nothing marked")
     assert count(engine, Undeliverable) == 0
     assert later.reply == "ack_no_number"
+
+
+FORGED_TEXT_BOUNCE = """\
+From: MAILER-DAEMON@mx.evil.example
+To: inquiries@emirate.example
+Subject: failure notice
+Message-ID: <forged-1@mx.evil.example>
+Date: Mon, 23 Nov 2026 12:00:00 +0300
+
+Hi. This is the qmail-send program at mx.evil.example.
+I'm afraid I wasn't able to deliver your message to the following addresses.
+This is a permanent error; I've given up. Sorry it didn't work out.
+
+<{victim}>:
+550 5.1.1 mailbox unavailable
+
+--- Below this line is a copy of the message.
+
+Message-ID: <{message_id}>
+From: inquiries@emirate.example
+To: {victim}
+Subject: Re: Question
+"""
+
+
+@pytest.mark.parametrize("shape", ["rfc3464", "text"])
+def test_forged_bounce_naming_an_address_we_mailed_but_no_mail_of_ours_marks_nothing(
+    engine: Engine, rules, shape: str
+) -> None:
+    """Finding 6: a DSN from mailer-daemon@ naming a citizen we did write to, with a made-up Message-ID."""
+    handle(engine, rules, citizen_mail("victim@example.com", "Question", "Hello"))
+    [ack] = outbox_rows(engine)
+    made_up = "<inq-000001.ack.0123456789abcdef@emirate.example>"  # our form, not one we sent
+    assert made_up != ack.message_id
+    raw = (delivery_report("victim@example.com", made_up) if shape == "rfc3464"
+           else FORGED_TEXT_BOUNCE.format(victim="victim@example.com", message_id=made_up.strip("<>")).encode())
+    handled = handle(engine, rules, raw)
+
+    assert understand(parse_mail(raw), rules).kind == "bounce"
+    assert (handled.action, handled.reason) == ("bounce", "names no mail of ours: nothing marked")
+    assert count(engine, Undeliverable) == 0
+
+
+def feedback_report(original_message_id: str, complainant: str, feedback_type: str = "abuse") -> bytes:
+    """An RFC 5965 abuse report (ARF) as mailbox providers send them, the original attached."""
+    return dedent(f"""\
+        From: Mail Feedback <feedback@fbl.mail.example>
+        To: abuse@emirate.example
+        Subject: Abuse report
+        Message-ID: <fbl-{feedback_type}@fbl.mail.example>
+        Date: Mon, 23 Nov 2026 12:00:00 +0300
+        MIME-Version: 1.0
+        Content-Type: multipart/report; report-type=feedback-report; boundary="ARF"
+
+        --ARF
+        Content-Type: text/plain; charset=us-ascii
+
+        This is an email abuse report for an email message received from IP 192.0.2.1.
+        Please do not reply: رقم المعاملة 1446/00321 ما حالتها؟
+
+        --ARF
+        Content-Type: message/feedback-report
+
+        Feedback-Type: {feedback_type}
+        User-Agent: ExampleFBL/1.0
+        Version: 1
+        Original-Mail-From: <bounces@emirate.example>
+        Original-Rcpt-To: <{complainant}>
+        Arrival-Date: Mon, 23 Nov 2026 11:00:00 +0300
+
+        --ARF
+        Content-Type: text/rfc822-headers
+
+        From: inquiries@emirate.example
+        To: {complainant}
+        Subject: Re: Question
+        Message-ID: {original_message_id}
+
+        --ARF--
+        """).encode()
+
+
+def test_feedback_report_is_stored_never_answered_and_suppresses_our_recipient(engine: Engine, rules) -> None:
+    opened = handle(engine, rules, citizen_mail("annoyed@example.com", "Question", "Hello"))
+    [ack] = outbox_rows(engine)
+    raw = feedback_report(ack.message_id, "annoyed@example.com")
+    understood = understand(parse_mail(raw), rules)
+    handled = handle(engine, rules, raw)
+
+    assert (understood.kind, understood.bounce.feedback_type) == ("bounce", "abuse")
+    assert handled.reply is None and handled.action == "bounce" and handled.inquiry == opened.inquiry
+    assert handled.reason == "feedback report (abuse): annoyed@example.com"
+    assert len(outbox_rows(engine)) == 1  # nothing answered
+    assert count(engine, Inquiry) == 1  # no inquiry opened for the report
+    with db.session(engine) as session:
+        assert session.get(Undeliverable, "annoyed@example.com") is not None
+        thread = session.execute(select(InquiryEvent.text).where(InquiryEvent.inquiry == opened.inquiry)).scalars()
+        assert "feedback report (abuse): annoyed@example.com" in list(thread)
+
+
+def test_feedback_report_about_a_mail_not_ours_or_no_complaint_marks_nothing(engine: Engine, rules) -> None:
+    handle(engine, rules, citizen_mail("someone@example.com", "Question", "Hello"))
+    [ack] = outbox_rows(engine)
+    stranger = handle(engine, rules, feedback_report("<other@mail.example>", "someone@example.com"))
+    dmarc = handle(engine, rules, feedback_report(ack.message_id, "someone@example.com", "auth-failure"))
+
+    assert (stranger.action, stranger.reply, stranger.reason) == ("bounce", None, "names no mail of ours: nothing marked")
+    assert dmarc.reason == f"feedback report (auth-failure) about outbox={ack.id}: nothing marked"
+    assert count(engine, Undeliverable) == 0
 
 
 @pytest.mark.parametrize("polite", [True, False], ids=["auto-submitted", "no-headers-keeps-tag"])

@@ -154,12 +154,59 @@ def test_no_notification_to_an_undeliverable_address_or_past_the_daily_limit(eng
     with db.session(engine) as session:
         session.add(Undeliverable(email=CITIZEN, reason="bounce", at=NOW))
     set_status_from_outside(engine, "forwarded")
-    assert notify.notify_status_changes(engine, rules, SETTINGS) == 0
+    assert notify.notify_status_changes(engine, rules, SETTINGS, now=NOW + timedelta(days=29)) == 0
     with engine.begin() as connection:
         connection.execute(text("DELETE FROM undeliverable"))
     strict = rules.model_copy(update={"policy": rules.policy.model_copy(update={"max_auto_replies_per_day": 0})})
     assert notify.notify_status_changes(engine, strict, SETTINGS) == 0  # deferred, not lost
     assert notify.notify_status_changes(engine, rules, SETTINGS) == 1
+
+
+def test_an_undeliverable_mark_expires_after_30_days(engine, rules):
+    open_inquiry(engine)
+    with db.session(engine) as session:
+        session.add(Undeliverable(email=CITIZEN, reason="bounce", at=NOW))
+    set_status_from_outside(engine, "forwarded")
+    assert notify.notify_status_changes(engine, rules, SETTINGS, now=NOW + timedelta(days=29, hours=23)) == 0
+    assert notify.notify_status_changes(engine, rules, SETTINGS, now=NOW + timedelta(days=30, seconds=1)) == 1
+    assert [m.recipient for m in mails(engine, "status_changed")] == [CITIZEN]
+
+
+def set_applicants(engine, emails: str) -> None:
+    """The back office changing who applied (a CSV import or another system's UPDATE)."""
+    with engine.begin() as connection:
+        connection.execute(text('UPDATE "transaction" SET applicant_emails = :emails WHERE number = :number'),
+                           {"emails": emails, "number": NUMBER})
+
+
+def test_a_removed_applicant_is_no_longer_told_and_the_new_one_is(engine, rules):
+    """Finding 5: after the back office changes the applicant e-mail, the former applicant hears nothing."""
+    open_inquiry(engine)
+    newcomer = "new.applicant@example.com"
+    with db.session(engine) as session:
+        notify.subscribe(session, NUMBER, newcomer, "en", 1)  # the new applicant asked too
+    set_applicants(engine, newcomer)
+    set_status_from_outside(engine, "completed")
+    assert notify.notify_status_changes(engine, rules, SETTINGS) == 1
+    assert [m.recipient for m in mails(engine, "status_changed")] == [newcomer]
+    # The former applicant's subscription saw the change and is not told later either.
+    assert notify.notify_status_changes(engine, rules, SETTINGS) == 0
+    set_applicants(engine, f"{newcomer} {CITIZEN}")  # back on the record: told of the next change
+    set_status_from_outside(engine, "rejected")
+    assert notify.notify_status_changes(engine, rules, SETTINGS) == 2
+    assert sorted(m.recipient for m in mails(engine, "status_changed")[1:]) == [newcomer, CITIZEN]
+
+
+def test_subscribers_off_the_record_are_told_only_when_the_policy_allows(engine, rules):
+    open_inquiry(engine)
+    set_applicants(engine, "")
+    set_status_from_outside(engine, "completed")
+    assert notify.notify_status_changes(engine, rules, SETTINGS) == 0
+    open_policy = rules.model_copy(
+        update={"policy": rules.policy.model_copy(update={"notify_subscribers_off_record": True})})
+    set_status_from_outside(engine, "rejected")
+    assert notify.notify_status_changes(engine, open_policy, SETTINGS) == 1
+    assert [m.recipient for m in mails(engine, "status_changed")] == [CITIZEN]
 
 
 # --- escalation --------------------------------------------------------------------------------------------
@@ -203,6 +250,8 @@ def test_subscribing_to_an_unknown_number_does_nothing(engine):
 
 def test_an_unusable_address_is_stopped_and_does_not_block_the_others(engine, rules):
     open_inquiry(engine)
+    rules = rules.model_copy(  # "broken address@" cannot be on a record: a subscriber the policy lets be told
+        update={"policy": rules.policy.model_copy(update={"notify_subscribers_off_record": True})})
     with db.session(engine) as session:
         session.add(Subscription(number=NUMBER, email="broken address@", language="ar", inquiry=1,
                                  last_status="received", created_at=NOW))
@@ -216,7 +265,7 @@ def test_an_unusable_address_is_stopped_and_does_not_block_the_others(engine, ru
 def test_two_runs_racing_over_the_same_change_queue_it_once(engine, rules):
     open_inquiry(engine)
     set_status_from_outside(engine, "completed")
-    stale = notify._changed(engine, 0, 100)  # what a second, slower run read before the first committed
+    stale = notify._changed(engine, 0, 100, NOW)  # what a second, slower run read before the first committed
     assert notify.notify_status_changes(engine, rules, SETTINGS) == 1
     with db.session(engine) as session:
         assert notify._tell_batch(session, stale, rules, SETTINGS.templates_dir, NOW) == 0

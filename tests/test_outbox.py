@@ -19,7 +19,7 @@ from click.testing import CliRunner
 from sqlalchemy import select, update
 from sqlalchemy.engine import Engine
 
-from mailbot import db, health, jobs, outbox, reply, store
+from mailbot import db, health, jobs, outbox, reply, store, verp
 from mailbot.cli import cli
 from mailbot.models import Outbox
 from mailbot.settings import SHIPPED_TEMPLATES, Settings
@@ -57,6 +57,10 @@ def row(engine: Engine, key: str = "ack:1"):
         return connection.execute(select(_table).where(_table.c.key == key)).one()
 
 
+def stored_id(engine: Engine, key: str = "ack:1") -> int:
+    return row(engine, key).id
+
+
 def make_due(engine: Engine) -> None:
     """Fake the clock: every pending row is due now (backoff itself is tested on its own)."""
     with engine.begin() as connection:
@@ -92,7 +96,9 @@ def test_relay_accepts_and_row_is_sent(engine: Engine, rules, smtp_sink: SmtpSin
     [accepted] = smtp_sink.accepted
 
     assert sent == 1
-    assert accepted.mail_from == "inquiries@emirate.example"
+    # The envelope sender is this mail's signed return path, so a bounce names it.
+    assert verp.outbox_id(accepted.mail_from, verp.secret_key(engine)) == stored_id(engine)
+    assert accepted.mail_from.endswith("@emirate.example")
     assert accepted.rcpt_tos == ("citizen@example.com",)
     assert accepted.message["Message-ID"] == mail.message_id
     stored = row(engine)
@@ -349,7 +355,7 @@ def test_retry_one_id_and_its_errors(sqlite_url: str, rules) -> None:
     assert row(engine).state == "pending"
 
 
-def test_daily_limit_and_undeliverable_block_automatic_mail(engine: Engine, rules) -> None:
+def test_daily_limit_blocks_automatic_mail_an_undeliverable_mark_does_not(engine: Engine, rules) -> None:
     limit = rules.policy.max_auto_replies_per_day
     now = db.utcnow()
     with db.session(engine) as session:
@@ -364,11 +370,14 @@ def test_daily_limit_and_undeliverable_block_automatic_mail(engine: Engine, rule
         outbox.mark_undeliverable(session, "Gone@Example.com", "bounce mail=9", now)
     with db.session(engine) as session:
         gone = outbox.auto_reply_blocked(session, "gone@example.com", rules, now)
+        cleared = outbox.clear_undeliverable(session, "GONE@example.com")
+        again = outbox.clear_undeliverable(session, "gone@example.com")
 
     assert busy == f"daily limit of {limit} automatic replies reached"
     assert other is None  # a clerk's answer is not automatic
     assert tomorrow is None
-    assert gone == "undeliverable"
+    assert gone is None  # the citizen who writes is acknowledged; writing clears the mark
+    assert (cleared, again) == (True, False)
 
 
 def test_backoff_grows_and_is_capped() -> None:

@@ -281,3 +281,13 @@ def test_cli_rules_check(folder: Path) -> None:
     assert result.exit_code == 1
     assert result.stderr.splitlines()[0].startswith(f"{path}:4:5: unknown key 'departmnt'")
     assert result.stderr.splitlines()[-1] == f"1 error(s) in {folder}"
+
+
+def test_notifying_subscribers_off_the_record_is_off_by_default_and_must_be_a_boolean(folder: Path) -> None:
+    assert load_rules(folder).policy.notify_subscribers_off_record is False
+    office = folder / "office.yaml"
+    office.write_text(office.read_text(encoding="utf-8").replace(
+        "notify_subscribers_off_record: false", "notify_subscribers_off_record: sometimes"), encoding="utf-8")
+    [error] = errors_of(folder)
+    assert error.endswith("policy.notify_subscribers_off_record: Input should be a valid boolean, "
+                          "unable to interpret input (got 'sometimes')")

@@ -7,16 +7,19 @@ import smtplib
 import threading
 from email.message import EmailMessage
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Iterator
 
 import pytest
 from sqlalchemy import select
 from sqlalchemy.engine import Engine
 
-from mailbot import db, store
+from mailbot import db, outbox, pipeline, store
 from mailbot.intake.smtp import IngressServer, accepted_addresses
-from mailbot.models import Message, MessageRaw
+from mailbot.models import Message, MessageRaw, Undeliverable
 from mailbot.rules import Rules
+from mailbot.settings import Settings
+from smtpsink import SmtpSink
 
 OFFICE = "inquiries@emirate.example"
 MAX_BYTES = 64 * 1024
@@ -272,3 +275,56 @@ def test_a_busy_port_raises_and_leaves_nothing_running(engine: Engine, rules: Ru
         with pytest.raises(OSError, match="address already in use"):
             busy.start()
         busy.stop()  # never started: nothing to stop
+
+
+def text_bounce(return_path: str, failed: str) -> bytes:
+    """A pre-RFC 3464 bounce (qmail) sent to the envelope sender, with no Message-ID of the original."""
+    return (
+        "From: MAILER-DAEMON@mx.citizen.example\r\n"
+        f"To: {return_path}\r\n"
+        "Subject: failure notice\r\n"
+        "Message-ID: <bounce-1@mx.citizen.example>\r\n"
+        "Date: Mon, 23 Nov 2026 12:00:00 +0300\r\n"
+        "\r\n"
+        "Hi. This is the qmail-send program at mx.citizen.example.\r\n"
+        "I'm afraid I wasn't able to deliver your message to the following addresses.\r\n"
+        "\r\n"
+        f"<{failed}>:\r\n"
+        "550 5.2.2 mailbox full\r\n"
+    ).encode()
+
+
+def test_a_bounce_to_a_mails_return_path_comes_through_the_ingress_and_marks_its_recipient(
+    engine: Engine, rules: Rules, smtp_sink: SmtpSink, tmp_path: Path
+) -> None:
+    """VERP round trip: our mail leaves with its signed return path; the report sent back to it
+    is accepted at RCPT and marks that mail's recipient, though it names no Message-ID of ours."""
+    citizen = "full.mailbox@citizen.example"
+    store.store_raw(engine, arabic_mail(1, sender=citizen), origin="smtp")
+    pipeline.process_pending(engine, rules)
+    assert outbox.send_due(engine, Settings(smtp_host=smtp_sink.host, smtp_port=smtp_sink.port, smtp_tls="none",
+                                            sent_maildir=tmp_path / "sent")) == 2  # the ack and the forward
+    [ack] = [mail for mail in smtp_sink.accepted if mail.rcpt_tos == (citizen,)]
+    return_path = ack.mail_from
+    outbox_id, mac = return_path.partition("@")[0].removeprefix("bounces+").split("-")
+    forged = f"bounces+{outbox_id}-{'0' * 16 if mac != '0' * 16 else '1' * 16}@emirate.example"
+
+    with server(engine, rules) as ingress, smtplib.SMTP(*ingress.address, timeout=10) as client:
+        # The same report to the office address instead: it names no mail of ours.
+        client.sendmail("", [OFFICE], text_bounce(OFFICE, citizen).replace(b"bounce-1@", b"bounce-0@"))
+        pipeline.process_pending(engine, rules)
+        with db.session(engine) as session:
+            assert session.get(Undeliverable, citizen) is None
+        client.ehlo("mx.citizen.example")
+        client.mail("")
+        assert client.rcpt(forged)[0] == 550  # a guessed id without our mac
+        assert client.rcpt(f"bounces+{outbox_id}-{mac}@elsewhere.example")[0] == 550  # not our domain
+        assert client.rcpt(return_path)[0] == 250
+        assert client.data(text_bounce(return_path, citizen))[0] == 250
+    pipeline.process_pending(engine, rules)
+
+    with db.session(engine) as session:
+        mark = session.get(Undeliverable, citizen)
+        kinds = session.execute(select(Message.kind).order_by(Message.id)).scalars().all()
+    assert kinds == ["inquiry", "bounce", "bounce"]
+    assert mark is not None and f"outbox={outbox_id}" in (mark.reason or "")

@@ -148,3 +148,11 @@ def test_real_world_corpus_every_file_gets_a_line(tmp_path: Path) -> None:
         if result["kind"] is None:
             assert result["error"].startswith("cannot parse: "), result
     assert os.listdir(tmp_path) == []
+    # SPEC's contract: every sisimai delivery report is a bounce, and no report is answered.
+    sisimai = [(Path(r["file"]).name, r) for r in results if "sisimai-set-of-emails" in r["file"]]
+    reports = [r for name, r in sisimai if name.startswith(("lhost-", "rhost-", "rfc3464-"))]
+    feedback = [r for name, r in sisimai if name.startswith("arf-")]
+    assert (len(reports), len(feedback)) == (242, 19)
+    assert [r["file"] for r in reports if r["kind"] != "bounce"] == []
+    assert [r["file"] for r in reports + feedback if r["reply"] is not None] == []
+    assert {r["kind"] for r in feedback} <= {"bounce", "auto_reply"}

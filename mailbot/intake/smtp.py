@@ -19,7 +19,7 @@ from aiosmtpd.lmtp import LMTP
 from aiosmtpd.smtp import SMTP, Envelope, Session
 from sqlalchemy.engine import Engine
 
-from mailbot import store
+from mailbot import store, verp
 from mailbot.rules import Rules
 
 log = logging.getLogger(__name__)
@@ -49,7 +49,9 @@ class _LMTP(LMTP):
 
 
 class IngressHandler:
-    """aiosmtpd hooks: 550 at RCPT for strangers, 250 after the raw bytes are committed."""
+    """aiosmtpd hooks: 550 at RCPT for strangers, 250 after the raw bytes are committed.
+
+    Accepted recipients: the office's addresses and the signed return paths of our mails."""
 
     def __init__(self, engine: Engine, accepted: frozenset[str], origin: str, executor: ThreadPoolExecutor):
         self.engine = engine
@@ -69,12 +71,21 @@ class IngressHandler:
 
     async def handle_RCPT(self, server: SMTP, session: Session, envelope: Envelope, address: str,
                           rcpt_options: list[str]) -> str:
-        if address.lower() not in self.accepted:
+        if address.lower() not in self.accepted and not await self._is_our_return_path(address):
             log.info("origin=%s peer=%s rcpt=%s rejected: not our address", self.origin, _peer(session), address)
             return f"550 5.1.1 <{address}>: recipient not accepted here"
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(rcpt_options)
         return "250 2.1.5 OK"
+
+    async def _is_our_return_path(self, address: str) -> bool:
+        """A bounce to the VERP return path of a mail we sent (verp.py), at one of our domains."""
+        domain = address.rpartition("@")[2].lower()
+        if not verp.is_return_path(address) or domain not in {a.rpartition("@")[2] for a in self.accepted}:
+            return False
+        loop = asyncio.get_running_loop()
+        key = await loop.run_in_executor(self.executor, verp.secret_key, self.engine)  # reads the database once
+        return verp.outbox_id(address, key) is not None
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         if self.stopping:
