@@ -203,7 +203,10 @@ def _apply(session: Session, message: int, row: Inquiry, sender: str, mail: Cler
     for command in mail.commands:
         if command.name == "status":
             for number in [command.number] if command.number else inquiry_numbers(row.transactions):
-                previous = set_status(session, number, command.argument, now, source="clerk", note=sender)
+                # The clerk's text is the change's note, which the citizen's status mail carries;
+                # an internal note stays internal (who changed it is on the thread's event).
+                note = None if mail.is_internal else (queue.without_clerk_addresses(mail.text, rules).strip() or None)
+                previous = set_status(session, number, command.argument, now, source="clerk", note=note)
                 if previous is not None:
                     session.add(InquiryEvent(inquiry=row.id, kind="status", author=sender, at=now,
                                              text=f"{number}: {previous} -> {command.argument}"))

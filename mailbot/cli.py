@@ -451,15 +451,33 @@ def transactions_import(csv_file: str, skip_bad: bool) -> None:
 @click.argument("status")
 @click.option("--note", help="Why, kept in the history.")
 def transactions_set_status(number: str, status: str, note: str | None) -> None:
-    """Set NUMBER's status to STATUS (recorded in its history, source cli)."""
+    """Set NUMBER's status to STATUS (recorded in its history, source cli); say who is told, and when.
+
+    A --note goes into the citizens' status mail."""
+    from mailbot import db
     from mailbot.transactions import TransactionError, set_status
 
+    from mailbot import health, notify
+    from mailbot.transactions import canonical_number
+
     rules = _rules()
+    settings = _settings()
+    engine = _engine(settings)
     try:
-        previous = set_status(_engine(_settings()), number, status, rules, note)
+        previous = set_status(engine, number, status, rules, note)
     except TransactionError as error:
         raise click.ClickException(str(error)) from None
     click.echo(f"{number}: {previous} -> {status}")
+    told = notify.to_be_told(engine, canonical_number(number, rules) or number, rules)
+    if not told:
+        click.echo("no citizen is subscribed to it on the record: nobody is told")
+        return
+    now = db.utcnow()
+    when = (f"within {settings.notify_seconds:g} s, at the daemon's next status run"
+            if any(daemon.is_alive(now) for daemon in health.daemons(engine))
+            else "when `mailbot run` starts (no daemon is running now)")
+    click.echo(f"{len(told)} citizen(s) will be told {when}" + (", with the note" if note else "")
+               + f": {', '.join(told)}")
 
 
 @transactions_group.command("show")

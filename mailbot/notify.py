@@ -22,7 +22,7 @@ from sqlalchemy.engine import Engine, Row
 from sqlmodel import Session
 
 from mailbot import db, outbox, reply
-from mailbot.models import Inquiry, InquiryEvent, Message, Outbox, Subscription, Transaction, Undeliverable
+from mailbot.models import Inquiry, InquiryEvent, Message, Outbox, Subscription, Transaction, TransactionHistory, Undeliverable
 from mailbot.rules import Rules
 from mailbot.settings import SHIPPED_TEMPLATES, Settings
 from mailbot.text import normalize_arabic
@@ -33,6 +33,7 @@ STAFF_LANGUAGE = "ar"  # mail to the office's own people (queues, escalation hea
 MAX_LEVEL = 2  # level 1 at the SLA, level 2 at twice the SLA
 _subscriptions = Subscription.__table__
 _transactions = Transaction.__table__
+_history = TransactionHistory.__table__
 _inquiries = Inquiry.__table__
 _messages = Message.__table__
 _outbox = Outbox.__table__
@@ -130,6 +131,18 @@ def subscribe(session: Session, number: str, email: str, language: str, inquiry:
         )
 
 
+# The note of the change the subscriber is told of ("please send a copy of the deed"): the
+# newest history row of the number, when it is that very change — from the status the
+# subscriber last heard to the status the record has now.  An outside UPDATE writes no
+# history, and an older row's note must never pass for a later change's.
+_newest = (select(func.max(_history.c.id)).where(_history.c.number == _transactions.c.number)
+           .correlate(_transactions).scalar_subquery())
+_NOTE = (select(_history.c.note)
+         .where(_history.c.id == _newest, _history.c.status == _transactions.c.status,
+                _history.c.previous_status == _subscriptions.c.last_status)
+         .correlate(_transactions, _subscriptions).scalar_subquery().label("note"))
+
+
 def _changed(engine: Engine, after: int, limit: int, now: datetime) -> list[Row]:
     marks = Undeliverable.__table__
     undeliverable = exists().where(marks.c.email == _subscriptions.c.email, marks.c.at > outbox.marked_since(now))
@@ -140,6 +153,7 @@ def _changed(engine: Engine, after: int, limit: int, now: datetime) -> list[Row]
                 _subscriptions.c.inquiry, _subscriptions.c.last_status, _subscriptions.c.changes_told,
                 _transactions.c.status, _transactions.c.department, _transactions.c.updated_at,
                 _transactions.c.applicant_emails, _inquiries.c.sender, _inquiries.c.sender_name, _messages.c.message_id,
+                _NOTE,
             )
             .select_from(
                 _subscriptions.join(_transactions, _transactions.c.number == _subscriptions.c.number)
@@ -182,6 +196,7 @@ def _status_mail(row: Row, rules: Rules, templates_dir: Path, now: datetime) -> 
         "old_status": row.last_status,
         "new_status": row.status,
         "changed_at": row.updated_at,
+        "note": row.note,
     }
     return reply.compose(
         "status_changed", language, context, rules, templates_dir,
@@ -241,6 +256,22 @@ def _tell_batch(session: Session, rows: list[Row], rules: Rules, templates_dir: 
         db.insert_ignoring_duplicates(session.get_bind(), _outbox).returning(_outbox.c.id), mails
     ).all()
     return len(inserted)
+
+
+def to_be_told(engine: Engine, number: str, rules: Rules) -> list[str]:
+    """Who the status job will tell of ``number``'s current status: its active subscribers on
+    the record (all of them with ``notify_subscribers_off_record``) not marked undeliverable."""
+    marks = Undeliverable.__table__
+    undeliverable = exists().where(marks.c.email == _subscriptions.c.email, marks.c.at > outbox.marked_since(db.utcnow()))
+    with engine.connect() as connection:
+        rows = connection.execute(
+            select(_subscriptions.c.email, _transactions.c.applicant_emails)
+            .join(_transactions, _transactions.c.number == _subscriptions.c.number)
+            .where(_subscriptions.c.number == number, _subscriptions.c.active.is_(True),
+                   _subscriptions.c.last_status != _transactions.c.status, ~undeliverable)
+        ).all()
+    return sorted({row.email for row in rows
+                   if is_on_record(row.email, row.applicant_emails) or rules.policy.notify_subscribers_off_record})
 
 
 def is_on_record(email: str, applicant_emails: str | None) -> bool:

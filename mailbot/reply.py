@@ -507,6 +507,7 @@ def sample_context(now: datetime | None = None) -> dict[str, Any]:
         "old_status": "under_review",
         "new_status": "completed",
         "changed_at": now,
+        "note": "يرجى إرسال صورة من صك الملكية.",
         "sender": "citizen@example.com",
         "sender_name": "محمد العتيبي",
         "text": "السلام عليكم،\nأرجو إفادتي عن حالة المعاملة رقم ١٤٤٦/٠٠٣٢١.",

@@ -164,6 +164,9 @@ def test_answer_with_status_is_relayed_under_the_office_name_and_notified(engine
     [changed] = outbox_rows(engine, "status_changed")
     assert changed.recipient == CITIZEN and changed.inquiry == inquiry
     assert "منجزة" in whole_mail_text(changed.raw)
+    # The clerk's text is the change's note in the status mail, without the clerk's address.
+    assert "ويمكن استلام الصك" in whole_mail_text(changed.raw)
+    assert "f.alshehri" not in whole_mail_text(changed.raw).lower()
 
 
 def test_the_same_clerk_mail_twice_relays_once(engine, rules):

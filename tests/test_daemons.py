@@ -125,13 +125,13 @@ def acknowledged(sink: SmtpSink, message_id: str) -> list:
     return [item for item in sink.accepted if item.message["In-Reply-To"] == message_id]
 
 
-@pytest.mark.parametrize("slow_timers", [{}, {"MAILBOT_WORKER_SECONDS": "30", "MAILBOT_OUTBOX_SECONDS": "30"}],
-                         ids=["default-timers", "30-s-timers"])
 def test_three_idle_daemons_answer_a_mail_within_a_second_at_p95(
-        tmp_path: Path, fresh_pg: str, dovecot: Dovecot, smtp_sink: SmtpSink, slow_timers: dict[str, str]):
+        tmp_path: Path, fresh_pg: str, dovecot: Dovecot, smtp_sink: SmtpSink):
     """IMAP IDLE brings the mail, NOTIFY wakes a worker and then the outbox: no timer is waited
-    for (the defaults poll every 1 s and 2 s; the polling stays as the fallback)."""
-    env = {**dovecot.env(), **smtp_sink.env(), "MAILBOT_NOTIFY_SECONDS": "30", **slow_timers}
+    for (they are set to 30 s here, so an answer within a second can only come from a wake-up).
+    Of the ~0.7 s measured, ~0.53 s is Dovecot's own delay before it announces a new mail in IDLE."""
+    env = {**dovecot.env(), **smtp_sink.env(), "MAILBOT_NOTIFY_SECONDS": "30", "MAILBOT_WORKER_SECONDS": "30",
+           "MAILBOT_OUTBOX_SECONDS": "30"}
     db.upgrade(fresh_pg)
     daemons = [start(tmp_path, f"d{n}", fresh_pg, **env) for n in range(3)]
     try:

@@ -285,3 +285,37 @@ def test_csv_import_and_cli_status_changes_are_noticed_too(engine, rules, tmp_pa
     first, second = (body(m.raw) for m in mails(engine, "status_changed"))
     assert "الحالة الحالية: قيد الدراسة" in first
     assert "الحالة السابقة: قيد الدراسة" in second and "الحالة الحالية: أحيلت إلى الجهة المختصة" in second
+
+
+def test_the_note_of_a_status_change_reaches_the_citizen_and_an_old_note_is_not_repeated(engine, rules):
+    open_inquiry(engine)
+    transactions.set_status(engine, NUMBER, "awaiting_documents", rules, note="يرجى إرسال صورة من صك الملكية")
+    assert notify.notify_status_changes(engine, rules, SETTINGS) == 1
+    [told] = mails(engine, "status_changed")
+    assert "ملاحظة من الإدارة:\nيرجى إرسال صورة من صك الملكية" in body(told.raw)
+    html = email.message_from_bytes(told.raw, policy=policy.default).get_body(("html",)).get_content()
+    assert "يرجى إرسال صورة من صك الملكية" in html
+    # The back-office's own UPDATE writes no history: its changes carry no note, least of all the old one.
+    for status in ("completed", "awaiting_documents"):
+        set_status_from_outside(engine, status)
+        assert notify.notify_status_changes(engine, rules, SETTINGS) == 1
+        assert "ملاحظة" not in body(mails(engine, "status_changed")[-1].raw), status
+
+
+def test_set_status_says_who_is_told_and_when(db_url, engine, rules, tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from mailbot import health
+    from mailbot.cli import cli
+
+    monkeypatch.chdir(tmp_path)
+    open_inquiry(engine)
+    env = {"MAILBOT_DB": db_url}
+    stopped = CliRunner().invoke(cli, ["transactions", "set-status", NUMBER, "under_review"], env=env)
+    assert stopped.exit_code == 0, stopped.output
+    assert f"1 citizen(s) will be told when `mailbot run` starts (no daemon is running now): {CITIZEN}" in stopped.stdout
+    health.beat(engine, db.utcnow())
+    running = CliRunner().invoke(cli, ["transactions", "set-status", NUMBER, "awaiting_documents",
+                                       "--note", "يرجى إرسال صورة من صك الملكية"], env=env)
+    assert (f"1 citizen(s) will be told within 30 s, at the daemon's next status run, with the note: {CITIZEN}"
+            in running.stdout)

@@ -180,7 +180,8 @@ def test_wrong_header_is_refused(engine: Engine, rules: Rules, tmp_path: Path) -
 def test_set_status_and_show(db_url: str, engine: Engine, rules: Rules, tmp_path: Path) -> None:
     import_csv(engine, csv_file(tmp_path, GOOD), rules)
     result = run(db_url, "transactions", "set-status", "1446/00321", "completed", "--note", "تم الإفراج")
-    assert (result.exit_code, result.stdout) == (0, "1446/00321: under_review -> completed\n")
+    assert (result.exit_code, result.stdout) == (0, "1446/00321: under_review -> completed\n"
+                                                    "no citizen is subscribed to it on the record: nobody is told\n")
     assert history(engine, "1446/00321")[-1] == ("under_review", "completed", "cli", "تم الإفراج")
     result = run(db_url, "transactions", "show", "١٤٤٦/٠٠٣٢١")
     assert result.exit_code == 0, result.output
