@@ -51,6 +51,8 @@ class _Handler:
         self.data_seconds = 0.0  # how long each DATA takes, to see clients overlap
         self.in_data = 0
         self.most_in_data = 0
+        self.stalls_left = 0  # DATA commands to leave unanswered until the client goes away
+        self.stalled = 0
 
     async def handle_DATA(self, server, session, envelope) -> str:  # noqa: ANN001 - aiosmtpd's types
         if self.data_seconds:
@@ -58,6 +60,13 @@ class _Handler:
             self.most_in_data = max(self.most_in_data, self.in_data)
             await asyncio.sleep(self.data_seconds)
             self.in_data -= 1
+        if self.stalls_left > 0:
+            self.stalls_left -= 1
+            self.stalled += 1
+            # Until the sender dies mid-transaction (aiosmtpd cancels this at EOF): nothing delivered.
+            while server.transport is not None and not server.transport.is_closing():
+                await asyncio.sleep(0.05)
+            return "451 4.4.2 sender went away"
         with self.condition:
             if self.failures_left > 0 and self.failure is not None:
                 self.failures_left -= 1
@@ -169,6 +178,16 @@ class SmtpSink:
         """Answer the next ``times`` DATA commands with ``answer`` (e.g. ``"451 4.3.0 try later"``)."""
         with self.handler.condition:
             self.handler.failure, self.handler.failures_left = answer, times
+
+    def stall(self, times: int) -> None:
+        """Leave the next ``times`` DATA commands unanswered until their client disconnects;
+        they are not delivered (``stalled`` counts them as they begin)."""
+        with self.handler.condition:
+            self.handler.stalls_left = times
+
+    @property
+    def stalled(self) -> int:
+        return self.handler.stalled
 
     def wait_for(self, count: int, timeout: float = 30.0) -> list[Accepted]:
         deadline = time.monotonic() + timeout

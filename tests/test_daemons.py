@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import smtplib
 import subprocess
 import time
 from pathlib import Path
@@ -15,7 +16,7 @@ import pytest
 from conftest import MAILBOT, create_pg_database, drop_pg_database
 from dovecot import Dovecot
 from mailbot import db
-from smtpsink import SmtpSink
+from smtpsink import SmtpSink, free_port
 from test_jobs import wait_for
 from test_journey import citizen_mail
 
@@ -155,3 +156,67 @@ def test_three_idle_daemons_answer_a_mail_within_a_second_at_p95(
     finally:
         for process, _log in daemons:
             stop(process)
+
+
+def test_a_dead_daemons_claimed_mail_is_sent_by_another_after_its_lease_and_never_by_two(
+        tmp_path: Path, fresh_pg: str, smtp_sink: SmtpSink):
+    """Two daemons on two "machines" (each in its own UTS namespace, so each has its own host
+    name and neither can see whether the other's process lives): the one that claimed the
+    acknowledgement dies while the relay holds its DATA.  The other leaves the mail alone while
+    the lease runs, then sends it once.  The lease's end is written by the test (an UPDATE of
+    the row's deadline) rather than waited for: outbox.LEASE is 90 s."""
+    env = {**smtp_sink.env(), "MAILBOT_WORKER_SECONDS": "0.2", "MAILBOT_OUTBOX_SECONDS": "0.2"}
+    db.upgrade(fresh_pg)
+    smtp_sink.stall(1)
+    daemons = {}
+    for host in ("machine-a", "machine-b"):
+        port = free_port()
+        log = tmp_path / f"{host}.log"
+        with log.open("wb") as out:
+            process = subprocess.Popen(
+                ["unshare", "--uts", "sh", "-c", f'hostname {host} && exec "$@"', "sh", *MAILBOT, "run"],
+                cwd=tmp_path, stdout=out, stderr=out,
+                env={**os.environ, **env, "MAILBOT_DB": fresh_pg, "MAILBOT_SMTP_LISTEN": f"127.0.0.1:{port}",
+                     "MAILBOT_SENT_MAILDIR": str(tmp_path / "sent")})
+        daemons[host] = (process, log, port)
+    try:
+        for process, log, _port in daemons.values():
+            wait_for(lambda: "mailbot running" in log.read_text() or process.poll() is not None, 60, log.name)
+            assert process.poll() is None, log.read_text()
+        message_id = "<lease@example.com>"
+        with smtplib.SMTP("127.0.0.1", daemons["machine-a"][2]) as client:
+            client.sendmail("citizen@example.com", ["inquiries@emirate.example"],
+                            citizen_mail(message_id, "أرجو إفادتي عن المعاملة رقم 1446/00777"))
+        wait_for(lambda: smtp_sink.stalled == 1 and acknowledged(smtp_sink, message_id), 30,
+                 "the acknowledgement sent and the next mail held at DATA")
+        [(row_id, recipient, holder, attempts)] = outbox_rows(fresh_pg)  # the forward to the queue
+        assert attempts == 1
+        [survivor] = [host for host in daemons if not holder.startswith(f"{host}:")]
+        daemons[holder.partition(":")[0]][0].send_signal(signal.SIGKILL)
+        daemons[holder.partition(":")[0]][0].wait(timeout=30)
+
+        def delivered() -> list:
+            return [item for item in smtp_sink.accepted if recipient in item.rcpt_tos]
+
+        time.sleep(3)  # the survivor polls every 0.2 s: the lease keeps it off the mail
+        assert delivered() == []
+        assert outbox_rows(fresh_pg) == [(row_id, recipient, holder, 1)]
+
+        with psycopg.connect(fresh_pg.replace("postgresql+psycopg", "postgresql")) as connection:
+            connection.execute("UPDATE outbox SET next_attempt_at = now() - interval '1 second' WHERE id = %s",
+                               (row_id,))
+        wait_for(delivered, 30, "the survivor to send the held mail")
+        time.sleep(2)
+        assert len(delivered()) == 1 and len(acknowledged(smtp_sink, message_id)) == 1
+        [(_id, _recipient, owner, attempts)] = outbox_rows(fresh_pg, state="sent", row_id=row_id)
+        assert owner.startswith(f"{survivor}:") and attempts == 2
+    finally:
+        for process, _log, _port in daemons.values():
+            stop(process)
+
+
+def outbox_rows(url: str, state: str = "sending", row_id: int | None = None) -> list[tuple[int, str, str, int]]:
+    with psycopg.connect(url.replace("postgresql+psycopg", "postgresql")) as connection:
+        return [tuple(row) for row in connection.execute(
+            "SELECT id, recipient, lease_owner, attempts FROM outbox WHERE state = %s AND id = coalesce(%s, id)",
+            (state, row_id))]
