@@ -248,7 +248,10 @@ def outbox_retry(outbox_id: int | None, retry_all: bool) -> None:
 
 
 @cli.command()
-def run() -> None:
+@click.option("--role", type=click.Choice(["all", "ingress", "worker", "sender"]), default="all", show_default=True,
+              help="ingress: SMTP/LMTP and IMAP intake; worker: the pipeline and the status and escalation "
+                   "jobs; sender: the outbox.  Other than all needs PostgreSQL.")
+def run(role: str) -> None:
     """Run the daemon: SMTP/LMTP (and IMAP) intake and the worker, until SIGTERM or Ctrl-C."""
     from mailbot import workers
 
@@ -264,8 +267,8 @@ def run() -> None:
     from mailbot.db import DatabaseInUse
 
     try:
-        jobs.run_daemon(settings)
-    except DatabaseInUse as error:
+        jobs.run_daemon(settings, role=role)
+    except (DatabaseInUse, jobs.RoleError) as error:
         raise click.ClickException(str(error)) from None
     except RulesError as error:
         raise click.ClickException(str(error)) from None

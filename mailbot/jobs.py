@@ -24,6 +24,18 @@ log = logging.getLogger(__name__)
 OUTBOX_BATCH = 50
 SUPERVISE_SECONDS = 1.0
 
+# What each role of `mailbot run --role` runs; every role also beats, reloads rules and listens.
+ROLES = {
+    "all": frozenset({"ingress", "worker", "sender"}),
+    "ingress": frozenset({"ingress"}),  # SMTP/LMTP servers and IMAP intake: mail in, stored
+    "worker": frozenset({"worker"}),  # the pipeline's processes, status notifications, escalation
+    "sender": frozenset({"sender"}),  # the outbox: mail out
+}
+
+
+class RoleError(Exception):
+    """A role other than ``all`` asked of a daemon that must do everything (SQLite)."""
+
 
 def send_outbox(engine: Engine, settings: Settings, stop: threading.Event) -> None:
     """The outbox job: send what is due, batch after batch, until none is left or a stop is asked."""
@@ -32,18 +44,23 @@ def send_outbox(engine: Engine, settings: Settings, stop: threading.Event) -> No
         pass
 
 
-def reload_rules(engine: Engine, reloader: RulesReloader, servers: list[IngressServer]) -> None:
-    """Swap in edited rules (a bad edit is refused inside the reloader, the rules in force stay).
+def reload_rules(engine: Engine, reloader: RulesReloader, servers: list[IngressServer],
+                 in_force: list[str | None]) -> None:
+    """Swap in edited rules (a bad edit is refused inside the reloader, the rules in force stay),
+    or the edit another daemon saved (rules_in_force.follow).
 
-    The rules in force are kept in the database for the commands, and a refusal is noted there
-    for `mailbot status`."""
+    The rules in force are kept in the database for the commands and the other daemons, and a
+    refusal is noted there for `mailbot status`.  ``in_force`` holds the fingerprint of the rules
+    this daemon has (one item, updated here)."""
     before, refused = reloader.rules, reloader.refused
     if reloader.reload_if_changed() is not before:
-        rules_in_force.save(engine, reloader.folder)
-        for server in servers:
-            server.handler.accepted = accepted_addresses(reloader.rules)
+        in_force[0] = rules_in_force.save(engine, reloader.folder)
     elif reloader.refused and reloader.refused is not refused:
         rules_in_force.record_refused(engine, reloader.refused)
+    in_force[0] = rules_in_force.follow(engine, reloader, in_force[0])
+    if reloader.rules is not before:
+        for server in servers:
+            server.handler.accepted = accepted_addresses(reloader.rules)
 
 
 def heartbeat(engine: Engine, started_at: datetime) -> None:
@@ -95,12 +112,12 @@ def start_imap(settings: Settings, engine: Engine, stop: threading.Event) -> thr
     return thread
 
 
-def _describe(settings: Settings, servers: list[IngressServer], imap: bool) -> str:
+def _describe(settings: Settings, servers: list[IngressServer], imap: bool, worker_processes: int) -> str:
     bound = {server.origin: "%s:%s" % server.address for server in servers}
     listening = f"smtp={bound.get('smtp', 'off')} lmtp={bound.get('lmtp', 'off')}"
     imap_part = f"imap={settings.imap_user}@{settings.imap_host}:{settings.imap_port}/{settings.imap_folder}" if imap else "imap=off"
     database = make_url(db.normalise_url(settings.db_url)).render_as_string(hide_password=True)
-    return (f"{listening} {imap_part} workers={settings.workers} worker_seconds={settings.worker_seconds} "
+    return (f"{listening} {imap_part} workers={worker_processes} worker_seconds={settings.worker_seconds} "
             f"db={database} outgoing={_outgoing(settings)}")
 
 
@@ -111,58 +128,64 @@ def _outgoing(settings: Settings) -> str:
     return f"maildir:{settings.sent_maildir.resolve()}"
 
 
-def run_daemon(settings: Settings, stop: threading.Event | None = None) -> None:
+def run_daemon(settings: Settings, stop: threading.Event | None = None, role: str = "all") -> None:
     """Run until SIGTERM/SIGINT (or ``stop`` is set), then stop intake first and let the workers finish.
 
     Intake, the outbox and the scheduler run here; the pipeline runs in worker
     processes (workers.py), which this thread starts, restarts when one dies,
-    and stops last.
+    and stops last.  ``role`` (a key of ROLES) leaves out the parts another daemon
+    runs; an SQLite file takes one daemon, so there it must be ``all``.
     """
+    if role != "all" and make_url(db.normalise_url(settings.db_url)).get_backend_name() == "sqlite":
+        raise RoleError(f"--role {role} needs PostgreSQL: an SQLite file takes one daemon, "
+                        "which must do everything (--role all)")
     stop = stop or threading.Event()
     for warning in settings.warnings:
         log.warning("%s", warning)
     lock = db.sqlite_lock(settings.db_url)  # raises DatabaseInUse while another daemon has the file
     try:
-        _serve(settings, stop)
+        _serve(settings, stop, ROLES[role])
     finally:
         if lock is not None:
             lock.close()
 
 
-def _serve(settings: Settings, stop: threading.Event) -> None:
+def _serve(settings: Settings, stop: threading.Event, parts: frozenset[str]) -> None:
     if db.upgrade(settings.db_url):
         log.info("database schema: waited for another daemon's migration, now up to date")
     engine = db.get_engine(settings.db_url)
     reloader = RulesReloader(settings.rules_dir)
     rules = reloader.rules
-    rules_in_force.save(engine, reloader.folder)
+    in_force = [rules_in_force.save(engine, reloader.folder)]
     started_at = db.utcnow()
     health.beat(engine, started_at)
     if threading.current_thread() is threading.main_thread():
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, lambda *_: stop.set())
 
-    servers = start_ingress(settings, engine, rules)
+    servers = start_ingress(settings, engine, rules) if "ingress" in parts else []
     imap_thread: threading.Thread | None = None
     scheduler = BackgroundScheduler(timezone=timezone.utc)
     processes: list[BaseProcess] = []
     try:
-        processes = workers.start_all(settings, reloader.rules)
-        if settings.imap_host:
+        if "worker" in parts:
+            processes = workers.start_all(settings, reloader.rules)
+        if settings.imap_host and "ingress" in parts:
             imap_thread = start_imap(settings, engine, stop)
         jobs = (
-            (send_outbox, settings.outbox_seconds, (engine, settings, stop)),
-            (notify_changes, settings.notify_seconds, (engine, reloader, settings)),
-            (escalate, settings.notify_seconds, (engine, reloader, settings)),
-            (reload_rules, settings.rules_reload_seconds, (engine, reloader, servers)),
-            (heartbeat, health.HEARTBEAT_SECONDS, (engine, started_at)),
+            ("sender", send_outbox, settings.outbox_seconds, (engine, settings, stop)),
+            ("worker", notify_changes, settings.notify_seconds, (engine, reloader, settings)),
+            ("worker", escalate, settings.notify_seconds, (engine, reloader, settings)),
+            (None, reload_rules, settings.rules_reload_seconds, (engine, reloader, servers, in_force)),
+            (None, heartbeat, health.HEARTBEAT_SECONDS, (engine, started_at)),
         )
-        for job, seconds, args in jobs:
+        for _part, job, seconds, args in (job for job in jobs if job[0] is None or job[0] in parts):
             scheduler.add_job(job, "interval", seconds=seconds, args=args, id=job.__name__,
                               max_instances=1, coalesce=True)
         scheduler.start()
         wake.listen(settings.db_url, lambda payload: _run_now(scheduler, payload), stop, "daemon-wake")
-        log.info("mailbot running %s", _describe(settings, servers, imap_thread is not None))
+        log.info("mailbot running role=%s %s", "+".join(sorted(parts)), _describe(settings, servers, imap_thread is not None,
+                                                                       len(processes)))
         while not stop.wait(SUPERVISE_SECONDS):
             workers.restart_exited(settings, processes, reloader.rules)
         log.info("mailbot stopping")
@@ -181,12 +204,12 @@ def _serve(settings: Settings, stop: threading.Event) -> None:
 
 
 # Which job a notification (wake.py) runs at once instead of at its next tick.
-_WOKEN = {"outbox": "send_outbox", "status": "notify_changes"}
+_WOKEN = {"outbox": "send_outbox", "status": "notify_changes", "rules": "reload_rules"}
 
 
 def _run_now(scheduler: BackgroundScheduler, payload: str) -> None:
     job = _WOKEN.get(payload)
-    if job is not None and scheduler.running:
+    if job is not None and scheduler.running and scheduler.get_job(job) is not None:
         scheduler.modify_job(job, next_run_time=datetime.now(timezone.utc))
 
 

@@ -76,7 +76,7 @@ def work_until_stopped(settings: Settings, share: tuple[int, int], stop: threadi
     # server, before these heavy imports (which the fork server has done for its workers).
     from sqlalchemy.exc import SQLAlchemyError
 
-    from mailbot import db, pipeline, wake
+    from mailbot import db, pipeline, rules_in_force, wake
     from mailbot.rules import RulesReloader
 
     engine = db.get_engine(settings.db_url)
@@ -86,11 +86,13 @@ def work_until_stopped(settings: Settings, share: tuple[int, int], stop: threadi
     reloader = RulesReloader(settings.rules_dir, rules)
     next_reload = time.monotonic() + settings.rules_reload_seconds
     retry = settings.worker_seconds
+    in_force: str | None = None  # the saved rules' fingerprint once followed: the daemon's own at first
     while not stop.is_set():
-        if time.monotonic() >= next_reload:
-            reloader.reload_if_changed()
-            next_reload = time.monotonic() + settings.rules_reload_seconds
         try:
+            if time.monotonic() >= next_reload:
+                next_reload = time.monotonic() + settings.rules_reload_seconds
+                reloader.reload_if_changed()
+                in_force = rules_in_force.follow(engine, reloader, in_force)
             done = pipeline.process_pending(engine, reloader.rules, limit=BATCH,
                                             templates_dir=settings.templates_dir, share=share)
         except SQLAlchemyError as error:

@@ -141,7 +141,7 @@ def test_mailbot_run_processes_mail_and_stops_on_sigterm_without_losing_any(
     assert acknowledged <= set(archived)
     assert len(acknowledged) >= 20
     log_text = log_path.read_text()
-    assert f"mailbot running smtp=127.0.0.1:{port} lmtp=off imap=off workers=1 worker_seconds=0.2" in log_text
+    assert f"mailbot running role=ingress+sender+worker smtp=127.0.0.1:{port} lmtp=off imap=off workers=1 worker_seconds=0.2" in log_text
     assert "relay-sekret" not in log_text
     assert "mailbot stopped" in log_text
 
@@ -216,7 +216,7 @@ def test_run_daemon_with_smtp_off_and_lmtp_off(sqlite_url: str, caplog: pytest.L
     stop.set()
     with caplog.at_level("INFO", logger="mailbot.jobs"):
         jobs.run_daemon(settings, stop)
-    assert "mailbot running smtp=off lmtp=off imap=off workers=1 worker_seconds=1.0" in caplog.text
+    assert "mailbot running role=ingress+sender+worker smtp=off lmtp=off imap=off workers=1 worker_seconds=1.0" in caplog.text
     assert "mailbot stopped" in caplog.text
 
 
